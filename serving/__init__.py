@@ -1,0 +1,1 @@
+"""The HTTP server (shipped as zoo.serving)."""

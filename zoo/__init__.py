@@ -1,0 +1,42 @@
+"""keras-zoo: pretrained multi-backend models for Keras 3.
+
+Example:
+    >>> import zoo
+    >>> clf = zoo.ViTImageClassifier.from_preset("vit_tiny_digits")  # doctest: +SKIP
+    >>> clf.predict_labels(["digit.png"], top_k=3)  # doctest: +SKIP
+"""
+
+from zoo import _select_backend
+
+_select_backend.choose()
+
+from zoo import errors  # noqa: E402  (the backend must be chosen before Keras is imported)
+from zoo.models.vit import ImagePreprocessor, ViTBackbone, ViTConfig, ViTImageClassifier  # noqa: E402
+from zoo.presets import PresetCard, list_presets  # noqa: E402
+
+__version__ = "0.1.0"
+
+
+def from_preset(preset, **kwargs):
+    """Loads a preset with its default task class (e.g. a ViT checkpoint as a ViTImageClassifier)."""
+    import sys
+
+    from zoo import hub
+    from zoo.models import registry
+    from zoo.models.base import CONFIG_FILE, read_config
+
+    folder = hub.resolve(preset)
+    fmt = registry.detect(read_config(folder), folder / CONFIG_FILE)
+    return getattr(sys.modules[__name__], fmt.task).from_preset(preset, **kwargs)
+
+
+__all__ = [
+    "ImagePreprocessor",
+    "PresetCard",
+    "ViTBackbone",
+    "ViTConfig",
+    "ViTImageClassifier",
+    "errors",
+    "from_preset",
+    "list_presets",
+]

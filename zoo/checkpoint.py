@@ -1,0 +1,244 @@
+"""Safetensors checkpoints in Hugging Face layout: listed from headers, read one tensor at a time.
+
+A folder holds either `model.safetensors` or shards named by `model.safetensors.index.json`.
+`Checkpoint.open` validates every header up front (so a truncated or lying file fails before
+any weight is touched) and `Checkpoint.read` returns one tensor, opening and closing its file
+around the read: safetensors maps the file, and the pages a read touches stay resident until
+the file is closed, so keeping files open would hold a second copy of the weights.
+"""
+
+import json
+import math
+import os
+import re
+import struct
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
+
+from zoo.errors import CorruptCheckpointError, PresetNotFoundError
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD_SIZE = 5 * 1024**3
+
+# Bytes per element of each safetensors dtype code.
+DTYPE_SIZES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+    "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where a checkpoint tensor lives and what its header says it is."""
+
+    name: str
+    file: Path
+    shape: tuple[int, ...]
+    dtype: str
+
+
+class Checkpoint:
+    """The tensors of a checkpoint folder, listed from the headers; data is read on demand.
+
+    Example:
+        >>> ckpt = Checkpoint.open("path/to/vit")  # doctest: +SKIP
+        >>> ckpt.tensors["classifier.weight"].shape  # doctest: +SKIP
+        (1000, 768)
+    """
+
+    def __init__(self, folder: Path, tensors: dict[str, TensorInfo]):
+        self.folder = folder
+        self.tensors = tensors
+
+    @classmethod
+    def open(cls, folder: str | os.PathLike) -> "Checkpoint":
+        folder = Path(folder)
+        if (folder / INDEX_FILE).is_file():
+            files = _files_from_index(folder)
+        elif (folder / SINGLE_FILE).is_file():
+            files = {folder / SINGLE_FILE: None}
+        else:
+            raise PresetNotFoundError(_no_weights_message(folder))
+        tensors = {}
+        for path, expected_names in files.items():
+            header = _read_header(path)
+            if expected_names is not None:
+                absent = sorted(set(expected_names) - set(header))
+                if absent:
+                    raise CorruptCheckpointError(
+                        f"{folder / INDEX_FILE} places {absent[0]!r} in {path.name}, "
+                        f"but {path.name} has no such tensor ({len(absent)} such names in all)"
+                    )
+            names = header if expected_names is None else expected_names
+            for name in names:
+                shape, dtype = header[name]
+                tensors[name] = TensorInfo(name, path, shape, dtype)
+        return cls(folder, tensors)
+
+    def read(self, name: str) -> np.ndarray:
+        """Returns one tensor as a NumPy array (bfloat16 through ml_dtypes)."""
+        info = self.tensors[name]
+        try:
+            with safe_open(info.file, framework="numpy") as f:
+                return f.get_tensor(name)
+        except (SafetensorError, OSError) as e:
+            raise CorruptCheckpointError(
+                f"{info.file.name}: cannot read tensor {name!r} "
+                f"(expected {info.dtype} {info.shape}): {e}"
+            ) from e
+
+    @property
+    def files(self) -> list[Path]:
+        return sorted({info.file for info in self.tensors.values()})
+
+    def total_bytes(self) -> int:
+        return sum(math.prod(t.shape) * DTYPE_SIZES.get(t.dtype, 4) for t in self.tensors.values())
+
+
+def _files_from_index(folder: Path) -> dict[Path, list[str]]:
+    index_path = folder / INDEX_FILE
+    try:
+        index = json.loads(index_path.read_text())
+        weight_map = index["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError("weight_map is not an object")
+    except (ValueError, KeyError, TypeError) as e:
+        raise CorruptCheckpointError(
+            f"{index_path}: expected JSON with a 'weight_map' object of tensor name -> file, "
+            f"could not read it: {e}"
+        ) from e
+    files: dict[Path, list[str]] = {}
+    for name, file_name in weight_map.items():
+        path = folder / file_name
+        if not path.is_file():
+            raise CorruptCheckpointError(
+                f"{index_path} places tensor {name!r} in {file_name}, which is not in {folder}"
+            )
+        files.setdefault(path, []).append(name)
+    return files
+
+
+def _no_weights_message(folder: Path) -> str:
+    others = sorted(p.name for p in folder.glob("*") if p.suffix in {".safetensors", ".bin", ".pth", ".h5"})
+    found = f"; found {', '.join(others)}" if others else ""
+    return (
+        f"{folder}: expected {SINGLE_FILE} or {INDEX_FILE} (keras-zoo reads safetensors "
+        f"checkpoints in Hugging Face layout){found}"
+    )
+
+
+def _read_header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Name -> (shape, dtype) from a file's header, validated by the safetensors library."""
+    try:
+        with safe_open(path, framework="numpy") as f:
+            header = {}
+            for name in f.keys():
+                sl = f.get_slice(name)
+                header[name] = (tuple(sl.get_shape()), sl.get_dtype())
+            return header
+    except (SafetensorError, OSError) as e:
+        raise CorruptCheckpointError(_diagnose(path, e)) from e
+
+
+def _diagnose(path: Path, error: Exception) -> str:
+    """Says which part of a file the safetensors library rejected, naming the tensor if one lies."""
+    prefix = f"{path.name}: not a valid safetensors file ({error})"
+    size = path.stat().st_size if path.exists() else 0
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"{prefix}: the file has {size} bytes, fewer than the 8-byte header length"
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            return f"{prefix}: the header claims {n} bytes but the file has {size - 8} after the length; truncated?"
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            return f"{prefix}: the header is not valid JSON; the file is corrupt"
+    data_size = size - 8 - n
+    header.pop("__metadata__", None)
+    end = 0
+    for name, entry in header.items():
+        try:
+            begin, stop = entry["data_offsets"]
+            nbytes = math.prod(entry["shape"]) * DTYPE_SIZES[entry["dtype"]]
+        except (KeyError, TypeError, ValueError):
+            return f"{prefix}: the header entry for tensor {name!r} is malformed: {entry!r}"
+        if stop - begin != nbytes:
+            return (
+                f"{prefix}: tensor {name!r} is declared {entry['dtype']} {tuple(entry['shape'])} "
+                f"({nbytes} bytes) but its data offsets span {stop - begin} bytes"
+            )
+        if stop > data_size:
+            return (
+                f"{prefix}: tensor {name!r} ends at byte {stop} of the data but the file holds only "
+                f"{data_size} bytes of data; the file is truncated"
+            )
+        end = max(end, stop)
+    if end != data_size:
+        return f"{prefix}: the tensors cover {end} bytes of data but the file holds {data_size}; truncated or padded"
+    return prefix
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def parse_size(size: int | str) -> int:
+    """`5 * 2**30`, "5GB" or "500MiB" -> bytes."""
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B\s*", size, re.IGNORECASE)
+    if not match:
+        raise ValueError(f"max_shard_size: expected bytes or a size such as '5GB', got {size!r}")
+    number, unit, binary = match.groups()
+    base = 1024 if binary else 1000
+    return int(float(number) * base ** "_KMGT".index(unit.upper() or "_"))
+
+
+@dataclass(frozen=True)
+class PendingTensor:
+    """A tensor to write, produced only when its shard is written."""
+
+    name: str
+    nbytes: int
+    produce: Callable[[], np.ndarray]
+
+
+def write_checkpoint(folder: str | os.PathLike, tensors: Iterable[PendingTensor],
+                     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> list[Path]:
+    """Writes tensors as `model.safetensors`, or as shards with an index above `max_shard_size`.
+
+    Only one shard's tensors are held in memory at a time. Stale checkpoint files in the
+    folder are removed first, so a folder that held more shards before stays consistent.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    limit = parse_size(max_shard_size)
+    shards: list[list[PendingTensor]] = [[]]
+    used = 0
+    for tensor in tensors:
+        if shards[-1] and used + tensor.nbytes > limit:
+            shards.append([])
+            used = 0
+        shards[-1].append(tensor)
+        used += tensor.nbytes
+    for stale in [*folder.glob("model*.safetensors"), folder / INDEX_FILE]:
+        stale.unlink(missing_ok=True)
+    count = len(shards)
+    names = [SINGLE_FILE] if count == 1 else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+    weight_map = {}
+    for file_name, shard in zip(names, shards):
+        save_file({t.name: np.ascontiguousarray(t.produce()) for t in shard}, folder / file_name,
+                  metadata={"format": "pt"})
+        weight_map.update({t.name: file_name for t in shard})
+    if count > 1:
+        index = {"metadata": {"total_size": sum(t.nbytes for s in shards for t in s)},
+                 "weight_map": dict(sorted(weight_map.items()))}
+        (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    return [folder / n for n in names]

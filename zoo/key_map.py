@@ -1,0 +1,243 @@
+"""Declarative maps from checkpoint tensor names to model weights, and the one loader that walks them.
+
+A key map is a list of `Row`s: a source name pattern (`{i}` stands for a layer index), the
+model weight path(s) it fills, and a named transform. A row with several targets splits a
+fused source tensor (timm's `qkv`) along its first axis. A row with no target ignores the
+tensor on purpose. Every transform has an inverse, so the same table writes checkpoints back.
+
+Loading is strict and happens in two steps: `plan` checks names and shapes against the
+checkpoint headers without reading any data, and only then `load` streams the tensors in.
+"""
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from zoo.checkpoint import Checkpoint, PendingTensor, TensorInfo
+from zoo.errors import CheckpointError, MissingWeightsError, ShapeMismatchError, UnexpectedWeightsError
+
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Transform:
+    """Source tensor <-> one target weight, plus the source shape a target shape implies."""
+
+    forward: Callable[[np.ndarray, Shape], np.ndarray]
+    inverse: Callable[[np.ndarray], np.ndarray]
+    source_shape: Callable[[Shape], Shape]
+
+
+def _heads_in_shape(t: Shape) -> Shape:  # kernel (d, n, h) <- Linear weight (n*h, d)
+    return (t[1] * t[2], t[0])
+
+
+def _heads_out_shape(t: Shape) -> Shape:  # kernel (n, h, d) <- Linear weight (d, n*h)
+    return (t[2], t[0] * t[1])
+
+
+TRANSFORMS: dict[str, Transform] = {
+    "identity": Transform(lambda x, t: x, lambda w: w, lambda t: t),
+    # Linear weight (out, in) <-> Dense kernel (in, out).
+    "transpose": Transform(lambda x, t: x.T, lambda w: w.T, lambda t: t[::-1]),
+    # Linear weight (n*h, d) <-> einsum kernel (d, n, h).
+    "heads_in": Transform(
+        lambda x, t: x.reshape(t[1], t[2], t[0]).transpose(2, 0, 1),
+        lambda w: w.transpose(1, 2, 0).reshape(-1, w.shape[0]),
+        _heads_in_shape,
+    ),
+    # Linear weight (d, n*h) <-> einsum kernel (n, h, d).
+    "heads_out": Transform(
+        lambda x, t: x.T.reshape(t),
+        lambda w: w.reshape(-1, w.shape[-1]).T,
+        _heads_out_shape,
+    ),
+    # Bias (n*h,) <-> (n, h).
+    "heads_bias": Transform(lambda x, t: x.reshape(t), lambda w: w.reshape(-1), lambda t: (math.prod(t),)),
+    # Conv2d weight (d, c, p, q) <-> patch kernel (p, q, c, d).
+    "conv_patch": Transform(
+        lambda x, t: x.transpose(2, 3, 1, 0),
+        lambda w: w.transpose(3, 2, 0, 1),
+        lambda t: (t[3], t[2], t[0], t[1]),
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of a key map.
+
+    Args:
+        source: checkpoint tensor name; `{i}` matches a layer index.
+        target: model weight path relative to the model (`layers_{i}/attention/q_proj/kernel`),
+            a tuple of paths to split a fused tensor along its first axis, or None to ignore it.
+        transform: a name from `TRANSFORMS`, applied to each part.
+    """
+
+    source: str
+    target: str | tuple[str, ...] | None
+    transform: str = "identity"
+
+    def __post_init__(self):
+        if self.transform not in TRANSFORMS:
+            raise ValueError(f"unknown transform {self.transform!r}; expected one of {sorted(TRANSFORMS)}")
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        if self.target is None:
+            return ()
+        return (self.target,) if isinstance(self.target, str) else self.target
+
+
+def _pattern(template: str) -> re.Pattern:
+    return re.compile("^" + re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)") + "$")
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """One checkpoint tensor and the model weights it fills."""
+
+    source: TensorInfo
+    targets: tuple[str, ...]
+    transform: str
+
+
+def weights_by_path(model) -> dict:
+    """The model's weights keyed by their path relative to the model (`layers_0/fc1/kernel`)."""
+    prefix = model.name + "/"
+    return {v.path[len(prefix):] if v.path.startswith(prefix) else v.path: v for v in model.weights}
+
+
+def plan(rows: list[Row], checkpoint: Checkpoint, weights: dict) -> list[Assignment]:
+    """Matches every checkpoint tensor to weights and checks every shape, reading no data."""
+    compiled = [(row, _pattern(row.source)) for row in rows]
+    assignments, unexpected, filled = [], [], {}
+    for name, info in checkpoint.tensors.items():
+        match = next(((row, m) for row, p in compiled if (m := p.match(name))), None)
+        if match is None:
+            unexpected.append(info)
+            continue
+        row, m = match
+        targets = tuple(t.replace("{i}", m.group("i")) if "{i}" in t else t for t in row.targets)
+        if any(t not in weights for t in targets):
+            unexpected.append(info)
+            continue
+        for t in targets:
+            if t in filled:
+                raise CheckpointError(f"weight {t} would be filled by both {filled[t]!r} and {name!r}")
+            filled[t] = name
+        if targets:
+            _check_shape(info, targets, row.transform, weights)
+            assignments.append(Assignment(info, targets, row.transform))
+    if unexpected:
+        listing = ", ".join(f"{t.name} {t.shape} in {t.file.name}" for t in unexpected[:8])
+        more = f" and {len(unexpected) - 8} more" if len(unexpected) > 8 else ""
+        raise UnexpectedWeightsError(
+            f"{checkpoint.folder}: {len(unexpected)} checkpoint tensor(s) match no weight of the model "
+            f"(does config.json describe this checkpoint?): {listing}{more}"
+        )
+    missing = [path for path in weights if path not in filled]
+    if missing:
+        listing = ", ".join(
+            f"{_source_name(rows, p)} (expected shape {_expected_source_shape(rows, p, weights)}, for {p})"
+            for p in missing[:8]
+        )
+        more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+        raise MissingWeightsError(
+            f"{checkpoint.folder}: the checkpoint lacks {len(missing)} tensor(s) the model needs: {listing}{more}"
+        )
+    return assignments
+
+
+def _check_shape(info: TensorInfo, targets: tuple[str, ...], transform: str, weights: dict) -> None:
+    expected = _joint_source_shape([tuple(weights[t].shape) for t in targets], transform)
+    if tuple(info.shape) != expected:
+        raise ShapeMismatchError(
+            f"{info.name}: expected {expected}, got {tuple(info.shape)} in {info.file.name} "
+            f"(fills {', '.join(f'{t} {tuple(weights[t].shape)}' for t in targets)})"
+        )
+
+
+def _joint_source_shape(target_shapes: list[Shape], transform: str) -> Shape:
+    parts = [TRANSFORMS[transform].source_shape(s) for s in target_shapes]
+    return (sum(p[0] for p in parts), *parts[0][1:])
+
+
+def _row_for(rows: list[Row], path: str) -> tuple[Row, str | None] | None:
+    for row in rows:
+        for t in row.targets:
+            if m := _pattern(t).match(path):
+                return row, m.groupdict().get("i")
+    return None
+
+
+def _source_name(rows: list[Row], path: str) -> str:
+    found = _row_for(rows, path)
+    if found is None:
+        return f"<no row of the key map fills {path}>"
+    row, i = found
+    return row.source.replace("{i}", i) if i is not None else row.source
+
+
+def _expected_source_shape(rows: list[Row], path: str, weights: dict) -> Shape | None:
+    found = _row_for(rows, path)
+    if found is None:
+        return None
+    row, i = found
+    targets = [t.replace("{i}", i) if i is not None else t for t in row.targets]
+    return _joint_source_shape([tuple(weights[t].shape) for t in targets], row.transform)
+
+
+def load(assignments: list[Assignment], checkpoint: Checkpoint, weights: dict) -> None:
+    """Streams each planned tensor into its weight(s), casting to the weight's dtype."""
+    for a in assignments:
+        array = checkpoint.read(a.source.name)
+        transform = TRANSFORMS[a.transform]
+        shapes = [tuple(weights[t].shape) for t in a.targets]
+        sizes = [transform.source_shape(s)[0] for s in shapes]
+        parts = np.split(array, np.cumsum(sizes)[:-1], axis=0) if len(shapes) > 1 else [array]
+        for path, part, shape in zip(a.targets, parts, shapes):
+            variable = weights[path]
+            variable.assign(np.asarray(transform.forward(part, shape), dtype=_numpy_dtype(variable.dtype)))
+        del array, parts
+
+
+def _numpy_dtype(dtype: str):
+    import ml_dtypes
+
+    return ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
+
+
+def export(rows: list[Row], weights: dict) -> list[PendingTensor]:
+    """The checkpoint tensors the map's rows produce from the model's weights, for `write_checkpoint`."""
+    import keras
+
+    pending = []
+    for row in rows:
+        if not row.targets:
+            continue
+        for index in _layer_indices(row, weights):
+            targets = [t.replace("{i}", index) if index is not None else t for t in row.targets]
+            variables = [weights[t] for t in targets]
+            name = row.source.replace("{i}", index) if index is not None else row.source
+            transform = TRANSFORMS[row.transform]
+
+            def produce(variables=variables, transform=transform):
+                parts = [transform.inverse(keras.ops.convert_to_numpy(v.value)) for v in variables]
+                return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+
+            nbytes = sum(math.prod(v.shape) * np.dtype(_numpy_dtype(v.dtype)).itemsize for v in variables)
+            pending.append(PendingTensor(name, nbytes, produce))
+    return pending
+
+
+def _layer_indices(row: Row, weights: dict) -> list[str | None]:
+    first = row.targets[0]
+    if "{i}" not in first:
+        return [None] if first in weights else []
+    pattern = _pattern(first)
+    found = {m.group("i") for path in weights if (m := pattern.match(path))}
+    return sorted(found, key=int)

@@ -1,0 +1,1 @@
+"""Building blocks shared by the models, in pure keras.ops."""

@@ -1,0 +1,51 @@
+"""Weight initialisers that can be skipped while a checkpoint is about to overwrite the weights.
+
+Building a 1 GB model with random initialisers costs seconds that `from_preset` would throw
+away. Inside `skip_init()` every `Skippable` initialiser returns zeros instead (one cheap fill),
+the way transformers' `no_init_weights` does.
+"""
+
+import contextlib
+import contextvars
+
+import keras
+
+_SKIP = contextvars.ContextVar("zoo_skip_init", default=False)
+
+
+@contextlib.contextmanager
+def skip_init():
+    """Within this block, `Skippable` initialisers return zeros."""
+    token = _SKIP.set(True)
+    try:
+        yield
+    finally:
+        _SKIP.reset(token)
+
+
+@keras.saving.register_keras_serializable(package="zoo")
+class Skippable(keras.initializers.Initializer):
+    """Wraps an initialiser; yields zeros inside `skip_init()`."""
+
+    def __init__(self, initializer="zeros"):
+        self.initializer = keras.initializers.get(initializer)
+
+    def __call__(self, shape, dtype=None):
+        if _SKIP.get():
+            return keras.ops.zeros(shape, dtype=dtype)
+        return self.initializer(shape, dtype=dtype)
+
+    def get_config(self):
+        return {"initializer": keras.initializers.serialize(self.initializer)}
+
+
+def normal(stddev: float = 0.02) -> Skippable:
+    return Skippable(keras.initializers.TruncatedNormal(stddev=stddev))
+
+
+def zeros() -> Skippable:
+    return Skippable("zeros")
+
+
+def ones() -> Skippable:
+    return Skippable("ones")

@@ -1,0 +1,99 @@
+"""What every backbone and task shares: `from_preset`, `save_preset`, and Keras (de)serialisation.
+
+A model class names its family and implements three hooks:
+`_from_folder(config, folder, dtype, **kwargs)` builds it, `key_map(config)` gives its
+checkpoint table for a config, and `_save_extras(folder)` writes files besides the weights (preprocessing,
+tokenizer). Everything else — resolving the handle, reading and translating config.json,
+planning the load against the checkpoint headers, streaming the tensors — happens here once.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import keras
+
+from zoo import hub
+from zoo.checkpoint import DEFAULT_MAX_SHARD_SIZE, Checkpoint, write_checkpoint
+from zoo.errors import ConfigError, PresetNotFoundError
+from zoo.key_map import export, load, plan, weights_by_path
+from zoo.layers.init import skip_init
+from zoo.models import registry
+
+CONFIG_FILE = "config.json"
+
+
+def read_config(folder: Path) -> dict:
+    path = folder / CONFIG_FILE
+    if not path.is_file():
+        raise PresetNotFoundError(f"{folder}: no {CONFIG_FILE}; expected a model folder in Hugging Face or timm layout")
+    try:
+        raw = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    return raw
+
+
+class PresetModel(keras.Model):
+    """Base of keras-zoo's backbones and tasks."""
+
+    family: str = ""
+
+    @classmethod
+    def from_preset(cls, preset: str | os.PathLike, *, dtype: str | None = None, **kwargs) -> "PresetModel":
+        """Builds the model described by a preset and loads its weights.
+
+        Args:
+            preset: a preset name (`zoo.list_presets()`), a handle (`hf://org/name@rev`,
+                `kaggle://owner/model/framework/variation/version`) or a local folder.
+            dtype: weights and compute dtype; defaults to the checkpoint's own (`dtype` or
+                `torch_dtype` in config.json), else float32.
+            **kwargs: model-specific options (e.g. `image_size` for ViT).
+        """
+        folder = hub.resolve(preset)
+        raw = read_config(folder)
+        fmt = registry.detect(raw, folder / CONFIG_FILE)
+        if fmt.family != cls.family:
+            raise ConfigError(
+                f"{folder / CONFIG_FILE} describes a {fmt.family!r} model; {cls.__name__} loads {cls.family!r} models"
+            )
+        config = fmt.read_config(raw)
+        checkpoint = Checkpoint.open(folder)
+        with skip_init():
+            model = cls._from_folder(config, folder, dtype=dtype or config.dtype, **kwargs)
+        weights = weights_by_path(model)
+        rows = model.key_map(model.config)
+        load(plan(rows, checkpoint, weights), checkpoint, weights)
+        model._after_load()
+        model.source = hub.describe(preset, folder)
+        return model
+
+    def save_preset(self, folder: str | os.PathLike, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> Path:
+        """Writes config.json, the weights and the model's other files in the source's own layout."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        config = self._export_config()
+        (folder / CONFIG_FILE).write_text(json.dumps(config.to_source(), indent=2) + "\n")
+        write_checkpoint(folder, export(self.key_map(config), weights_by_path(self)), max_shard_size)
+        self._save_extras(folder)
+        return folder
+
+    # Hooks for subclasses.
+    @classmethod
+    def _from_folder(cls, config, folder: Path, dtype: str, **kwargs) -> "PresetModel":
+        return cls(config, dtype=dtype, **kwargs)
+
+    def key_map(self, config) -> list:
+        raise NotImplementedError(f"{type(self).__name__} must define its checkpoint key map")
+
+    def _export_config(self):
+        """The config that describes what `save_preset` writes."""
+        return self.config
+
+    def _after_load(self) -> None:
+        """Runs once the checkpoint is in (e.g. to initialise a replaced head)."""
+
+    def _save_extras(self, folder: Path) -> None:
+        """Writes files besides config.json and the weights."""

@@ -1,0 +1,88 @@
+"""Checkpoint tensor names (Hugging Face `ViTForImageClassification`, timm `VisionTransformer`) -> our weights."""
+
+from zoo.key_map import Row
+from zoo.models.vit.config import ViTConfig
+
+# Hugging Face: names as the Hub's google/vit-* repos and transformers' save_pretrained write them.
+_HF_BACKBONE = [
+    Row("embeddings.cls_token", "embeddings/cls_token"),
+    Row("embeddings.position_embeddings", "embeddings/position_embeddings"),
+    Row("embeddings.patch_embeddings.projection.weight", "embeddings/patch_embeddings/kernel", "conv_patch"),
+    Row("embeddings.patch_embeddings.projection.bias", "embeddings/patch_embeddings/bias"),
+    Row("encoder.layer.{i}.layernorm_before.weight", "layers_{i}/layernorm_before/gamma"),
+    Row("encoder.layer.{i}.layernorm_before.bias", "layers_{i}/layernorm_before/beta"),
+    Row("encoder.layer.{i}.attention.attention.query.weight", "layers_{i}/attention/q_proj/kernel", "heads_in"),
+    Row("encoder.layer.{i}.attention.attention.query.bias", "layers_{i}/attention/q_proj/bias", "heads_bias"),
+    Row("encoder.layer.{i}.attention.attention.key.weight", "layers_{i}/attention/k_proj/kernel", "heads_in"),
+    Row("encoder.layer.{i}.attention.attention.key.bias", "layers_{i}/attention/k_proj/bias", "heads_bias"),
+    Row("encoder.layer.{i}.attention.attention.value.weight", "layers_{i}/attention/v_proj/kernel", "heads_in"),
+    Row("encoder.layer.{i}.attention.attention.value.bias", "layers_{i}/attention/v_proj/bias", "heads_bias"),
+    Row("encoder.layer.{i}.attention.output.dense.weight", "layers_{i}/attention/o_proj/kernel", "heads_out"),
+    Row("encoder.layer.{i}.attention.output.dense.bias", "layers_{i}/attention/o_proj/bias"),
+    Row("encoder.layer.{i}.layernorm_after.weight", "layers_{i}/layernorm_after/gamma"),
+    Row("encoder.layer.{i}.layernorm_after.bias", "layers_{i}/layernorm_after/beta"),
+    Row("encoder.layer.{i}.intermediate.dense.weight", "layers_{i}/fc1/kernel", "transpose"),
+    Row("encoder.layer.{i}.intermediate.dense.bias", "layers_{i}/fc1/bias"),
+    Row("encoder.layer.{i}.output.dense.weight", "layers_{i}/fc2/kernel", "transpose"),
+    Row("encoder.layer.{i}.output.dense.bias", "layers_{i}/fc2/bias"),
+    Row("layernorm.weight", "layernorm/gamma"),
+    Row("layernorm.bias", "layernorm/beta"),
+]
+# Present in some HF checkpoints, unused by an image classifier.
+_HF_UNUSED = ["pooler.dense.weight", "pooler.dense.bias", "embeddings.mask_token"]
+_HF_HEAD = [Row("classifier.weight", "classifier/kernel", "transpose"), Row("classifier.bias", "classifier/bias")]
+
+_TIMM_BACKBONE = [
+    Row("cls_token", "embeddings/cls_token"),
+    Row("pos_embed", "embeddings/position_embeddings"),
+    Row("patch_embed.proj.weight", "embeddings/patch_embeddings/kernel", "conv_patch"),
+    Row("patch_embed.proj.bias", "embeddings/patch_embeddings/bias"),
+    Row("blocks.{i}.norm1.weight", "layers_{i}/layernorm_before/gamma"),
+    Row("blocks.{i}.norm1.bias", "layers_{i}/layernorm_before/beta"),
+    Row("blocks.{i}.attn.qkv.weight", tuple(f"layers_{{i}}/attention/{p}_proj/kernel" for p in "qkv"), "heads_in"),
+    Row("blocks.{i}.attn.qkv.bias", tuple(f"layers_{{i}}/attention/{p}_proj/bias" for p in "qkv"), "heads_bias"),
+    Row("blocks.{i}.attn.proj.weight", "layers_{i}/attention/o_proj/kernel", "heads_out"),
+    Row("blocks.{i}.attn.proj.bias", "layers_{i}/attention/o_proj/bias"),
+    Row("blocks.{i}.norm2.weight", "layers_{i}/layernorm_after/gamma"),
+    Row("blocks.{i}.norm2.bias", "layers_{i}/layernorm_after/beta"),
+    Row("blocks.{i}.mlp.fc1.weight", "layers_{i}/fc1/kernel", "transpose"),
+    Row("blocks.{i}.mlp.fc1.bias", "layers_{i}/fc1/bias"),
+    Row("blocks.{i}.mlp.fc2.weight", "layers_{i}/fc2/kernel", "transpose"),
+    Row("blocks.{i}.mlp.fc2.bias", "layers_{i}/fc2/bias"),
+]
+_TIMM_HEAD = [Row("head.weight", "classifier/kernel", "transpose"), Row("head.bias", "classifier/bias")]
+
+
+def _with_prefix(rows: list[Row], source: str, target: str) -> list[Row]:
+    def tgt(t):
+        return t if t is None else (target + t if isinstance(t, str) else tuple(target + x for x in t))
+
+    return [Row(source + r.source, tgt(r.target), r.transform) for r in rows]
+
+
+def is_bare_backbone(config: ViTConfig) -> bool:
+    """A checkpoint of the encoder alone: HF `ViTModel` (no `vit.` prefix) or timm with num_classes 0."""
+    if config.source_format == "timm":
+        return config.num_labels == 0
+    return config.extras.get("architectures") == ["ViTModel"]
+
+
+def rows(config: ViTConfig, layout: str, target_prefix: str = "", head: bool = False) -> list[Row]:
+    """The key map of a backbone (target_prefix "") or a classifier's backbone ("backbone/").
+
+    `head` maps the checkpoint's classifier head; otherwise the head, if any, is ignored
+    (a backbone has none, and a classifier given new labels starts a fresh one).
+    """
+    if layout == "timm":
+        final_norm = "fc_norm" if config.pooling == "avg" else "norm"
+        backbone = [*_TIMM_BACKBONE, Row(f"{final_norm}.weight", "layernorm/gamma"),
+                    Row(f"{final_norm}.bias", "layernorm/beta")]
+        head_rows, source_prefix = _TIMM_HEAD, ""
+    else:
+        backbone = _HF_BACKBONE + [Row(name, None) for name in _HF_UNUSED]
+        head_rows, source_prefix = _HF_HEAD, ("" if is_bare_backbone(config) else "vit.")
+    if is_bare_backbone(config):
+        return _with_prefix(backbone, source_prefix, target_prefix)
+    return _with_prefix(backbone, source_prefix, target_prefix) + (
+        head_rows if head else [Row(r.source, None) for r in head_rows]
+    )

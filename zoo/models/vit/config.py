@@ -1,0 +1,249 @@
+"""ViTConfig: the architecture, read from and written back to Hugging Face or timm `config.json`."""
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from zoo.errors import ConfigError
+from zoo.layers import activations
+
+# timm's named sizes: width, depth, heads (mlp_ratio 4).
+TIMM_SIZES = {
+    "tiny": (192, 12, 3),
+    "small": (384, 12, 6),
+    "base": (768, 12, 12),
+    "large": (1024, 24, 16),
+    "huge": (1280, 32, 16),
+}
+TIMM_ARCHITECTURE = re.compile(r"^vit_(?P<size>[a-z]+)_patch(?P<patch>\d+)_(?P<res>\d+)$")
+# timm model_args we honour, and those whose non-default value we cannot honour.
+TIMM_ARGS = {"img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias", "global_pool", "in_chans", "num_classes"}
+TIMM_UNSUPPORTED = {
+    "class_token": True, "no_embed_class": False, "reg_tokens": 0, "pre_norm": False, "init_values": None,
+    "qk_norm": False, "fc_norm": None, "dynamic_img_size": False, "act_layer": None, "norm_layer": None,
+    "block_fn": None, "mlp_layer": None, "embed_layer": None, "pos_embed": "learn", "class_token_pos": None,
+}
+# Fields of a HF ViT config.json that do not change inference maths, written back unchanged.
+HF_PASSTHROUGH = ("initializer_range", "encoder_stride", "pooler_output_size", "pooler_act")
+
+
+def _pair(value, name: str) -> tuple[int, int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value, value)
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        return (int(value[0]), int(value[1]))
+    raise ConfigError(f"{name}: expected an int or a pair of ints, got {value!r}")
+
+
+def _require(raw: dict, key: str, kind, where: str):
+    if key not in raw:
+        raise ConfigError(f"{where}: missing field {key!r}")
+    value = raw[key]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise ConfigError(f"{where}: field {key!r} should be {kind.__name__}, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    """A Vision Transformer's architecture.
+
+    Example:
+        >>> cfg = ViTConfig(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128,
+        ...                 image_size=(32, 32), patch_size=(8, 8), num_labels=10)
+        >>> cfg.num_patches, cfg.head_dim
+        (16, 16)
+    """
+
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    layer_norm_eps: float = 1e-12
+    image_size: tuple[int, int] = (224, 224)
+    patch_size: tuple[int, int] = (16, 16)
+    num_channels: int = 3
+    qkv_bias: bool = True
+    num_labels: int = 1000
+    id2label: tuple[str, ...] = ()
+    pooling: str = "token"  # "token" (the [CLS] token) or "avg" (timm's mean over patches)
+    dtype: str = "float32"  # the checkpoint's own dtype
+    source_format: str = "hf"  # "hf" or "timm": the config.json layout to write back
+    extras: dict[str, Any] = field(default_factory=dict, compare=False)  # fields written back unchanged
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_heads}")
+        if any(i < p for i, p in zip(self.image_size, self.patch_size)):
+            raise ConfigError(f"image_size {self.image_size} is smaller than patch_size {self.patch_size}")
+        if self.pooling not in ("token", "avg"):
+            raise ConfigError(f"global_pool: expected 'token' or 'avg', got {self.pooling!r}")
+        activations.get(self.hidden_act)
+        if self.id2label and len(self.id2label) != self.num_labels:
+            raise ConfigError(f"id2label has {len(self.id2label)} labels but num_labels is {self.num_labels}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        return (self.image_size[0] // self.patch_size[0], self.image_size[1] // self.patch_size[1])
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size[0] * self.grid_size[1]
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self.id2label or tuple(f"LABEL_{i}" for i in range(self.num_labels))
+
+    def replace(self, **changes) -> "ViTConfig":
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------ Hugging Face
+
+    @classmethod
+    def from_hf(cls, raw: dict) -> "ViTConfig":
+        where = "config.json"
+        if raw.get("model_type") != "vit":
+            raise ConfigError(f"{where}: expected model_type 'vit', got {raw.get('model_type')!r}")
+        id2label = raw.get("id2label") or {}
+        try:
+            labels = tuple(id2label[k] for k in sorted(id2label, key=int))
+        except (ValueError, TypeError):
+            raise ConfigError(f"{where}: id2label keys must be integers, got {sorted(id2label)[:5]}") from None
+        num_labels = raw.get("num_labels", len(labels) or 2)
+        head_dim = raw.get("head_dim")
+        hidden = _require(raw, "hidden_size", int, where)
+        heads = _require(raw, "num_attention_heads", int, where)
+        if head_dim is not None and head_dim * heads != hidden:
+            raise ConfigError(f"{where}: head_dim {head_dim} x num_attention_heads {heads} must equal hidden_size {hidden}")
+        return cls(
+            hidden_size=hidden,
+            num_layers=_require(raw, "num_hidden_layers", int, where),
+            num_heads=heads,
+            intermediate_size=_require(raw, "intermediate_size", int, where),
+            hidden_act=raw.get("hidden_act", "gelu"),
+            layer_norm_eps=float(raw.get("layer_norm_eps", 1e-12)),
+            image_size=_pair(raw.get("image_size", 224), "image_size"),
+            patch_size=_pair(raw.get("patch_size", 16), "patch_size"),
+            num_channels=raw.get("num_channels", 3),
+            qkv_bias=bool(raw.get("qkv_bias", True)),
+            num_labels=num_labels,
+            id2label=labels,
+            dtype=_checkpoint_dtype(raw),
+            source_format="hf",
+            extras={k: raw[k] for k in (*HF_PASSTHROUGH, "architectures", "torch_dtype") if k in raw},
+        )
+
+    def to_hf(self) -> dict:
+        labels = self.labels
+        out = {
+            "architectures": self.extras.get("architectures", ["ViTForImageClassification"]),
+            "model_type": "vit",
+            "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "intermediate_size": self.intermediate_size,
+            "hidden_act": self.hidden_act,
+            "hidden_dropout_prob": 0.0,
+            "attention_probs_dropout_prob": 0.0,
+            "layer_norm_eps": self.layer_norm_eps,
+            "image_size": list(self.image_size) if self.image_size[0] != self.image_size[1] else self.image_size[0],
+            "patch_size": list(self.patch_size) if self.patch_size[0] != self.patch_size[1] else self.patch_size[0],
+            "num_channels": self.num_channels,
+            "qkv_bias": self.qkv_bias,
+            "id2label": {str(i): name for i, name in enumerate(labels)},
+            "label2id": {name: i for i, name in enumerate(labels)},
+            "encoder_stride": self.patch_size[0],
+        }
+        out.update({k: v for k, v in self.extras.items() if k in HF_PASSTHROUGH})
+        out["torch_dtype" if "torch_dtype" in self.extras else "dtype"] = self.dtype
+        return out
+
+    # ------------------------------------------------------------------ timm
+
+    @classmethod
+    def from_timm(cls, raw: dict) -> "ViTConfig":
+        where = "config.json"
+        arch = raw.get("architecture")
+        m = TIMM_ARCHITECTURE.match(str(arch))
+        if not m or m["size"] not in TIMM_SIZES:
+            raise ConfigError(
+                f"{where}: unsupported timm architecture {arch!r}; keras-zoo reads the plain ViTs "
+                f"vit_{{{','.join(TIMM_SIZES)}}}_patch<N>_<resolution>"
+            )
+        width, depth, heads = TIMM_SIZES[m["size"]]
+        args = dict(raw.get("model_args") or {})
+        for key, default in TIMM_UNSUPPORTED.items():
+            if key in args and args[key] != default:
+                raise ConfigError(f"{where}: model_args.{key}={args[key]!r} is not supported (expected {default!r})")
+        unknown = set(args) - TIMM_ARGS - set(TIMM_UNSUPPORTED)
+        if unknown:
+            raise ConfigError(f"{where}: model_args {sorted(unknown)} are not supported by keras-zoo's ViT")
+        pretrained = raw.get("pretrained_cfg") or {}
+        width = args.get("embed_dim", width)
+        input_size = pretrained.get("input_size", [3, int(m["res"]), int(m["res"])])
+        num_classes = raw.get("num_classes", pretrained.get("num_classes", 1000))
+        label_names = raw.get("label_names") or ()
+        if isinstance(label_names, dict):
+            label_names = [label_names[k] for k in sorted(label_names, key=int)]
+        return cls(
+            hidden_size=width,
+            num_layers=args.get("depth", depth),
+            num_heads=args.get("num_heads", heads),
+            intermediate_size=int(width * args.get("mlp_ratio", 4.0)),
+            hidden_act="gelu",
+            layer_norm_eps=1e-6,
+            image_size=_pair(args.get("img_size", tuple(input_size[1:])), "model_args.img_size"),
+            patch_size=_pair(args.get("patch_size", int(m["patch"])), "model_args.patch_size"),
+            num_channels=args.get("in_chans", input_size[0]),
+            qkv_bias=bool(args.get("qkv_bias", True)),
+            num_labels=num_classes,
+            id2label=tuple(label_names),
+            pooling=args.get("global_pool", raw.get("global_pool", "token")) or "token",
+            dtype="float32",
+            source_format="timm",
+            extras={"architecture": arch, "pretrained_cfg": pretrained, "model_args": args,
+                    **{k: raw[k] for k in ("label_descriptions",) if k in raw}},
+        )
+
+    def to_timm(self) -> dict:
+        pretrained = dict(self.extras.get("pretrained_cfg", {}))
+        pretrained.update(num_classes=self.num_labels, input_size=[self.num_channels, *self.image_size])
+        out = {
+            "architecture": self.extras.get("architecture", f"vit_base_patch{self.patch_size[0]}_{self.image_size[0]}"),
+            "num_classes": self.num_labels,
+            "num_features": self.hidden_size,
+            "global_pool": self.pooling,
+        }
+        if self.id2label:
+            out["label_names"] = list(self.id2label)
+        out.update({k: v for k, v in self.extras.items() if k == "label_descriptions"})
+        args = dict(self.extras.get("model_args", {}))
+        m = TIMM_ARCHITECTURE.match(out["architecture"])
+        named = TIMM_SIZES.get(m["size"]) if m else None
+        if named != (self.hidden_size, self.num_layers, self.num_heads) or self.intermediate_size != 4 * self.hidden_size:
+            args.update(embed_dim=self.hidden_size, depth=self.num_layers, num_heads=self.num_heads,
+                        mlp_ratio=self.intermediate_size / self.hidden_size)
+        if args:
+            out["model_args"] = args
+        out["pretrained_cfg"] = pretrained
+        return out
+
+    def to_source(self) -> dict:
+        """The config.json in the layout this config was read from."""
+        return self.to_timm() if self.source_format == "timm" else self.to_hf()
+
+
+def _checkpoint_dtype(raw: dict) -> str:
+    """transformers 5 writes `dtype`; older configs on the Hub write `torch_dtype`."""
+    value = raw.get("dtype", raw.get("torch_dtype")) or "float32"
+    if value not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"config.json: dtype {value!r} is not one of float32, bfloat16, float16")
+    return value

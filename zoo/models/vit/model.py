@@ -1,0 +1,289 @@
+"""ViTBackbone (patch tokens -> hidden states) and ViTImageClassifier (images -> label logits)."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import keras
+import numpy as np
+from keras import ops
+
+from zoo import backend
+from zoo.errors import ConfigError
+from zoo.layers import activations, init
+from zoo.layers.attention import SelfAttention
+from zoo.layers.interpolate import bicubic_grid_matrix
+from zoo.models.base import PresetModel
+from zoo.models.vit import checkpoint_map
+from zoo.models.vit.config import ViTConfig
+from zoo.models.vit.preprocess import PREPROCESSOR_FILE, ImagePreprocessor
+
+
+def _dense(units: int, name: str, dtype) -> keras.layers.Dense:
+    return keras.layers.Dense(units, kernel_initializer=init.normal(), bias_initializer=init.zeros(), name=name, dtype=dtype)
+
+
+def _layer_norm(eps: float, name: str, dtype) -> keras.layers.LayerNormalization:
+    return keras.layers.LayerNormalization(epsilon=eps, gamma_initializer=init.ones(), beta_initializer=init.zeros(),
+                                           name=name, dtype=dtype)
+
+
+class ViTEmbeddings(keras.layers.Layer):
+    """Patches -> tokens, a [CLS] token in front, plus (possibly resampled) position embeddings."""
+
+    def __init__(self, config: ViTConfig, image_size: tuple[int, int], dropout: float = 0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.config, self.image_size = config, tuple(image_size)
+        self.patch_embeddings = keras.layers.Conv2D(
+            config.hidden_size, config.patch_size, strides=config.patch_size, padding="valid",
+            kernel_initializer=init.normal(), bias_initializer=init.zeros(), name="patch_embeddings", dtype=self.dtype_policy,
+        )
+        self.dropout = keras.layers.Dropout(dropout, dtype=self.dtype_policy) if dropout else None
+        grid = (self.image_size[0] // config.patch_size[0], self.image_size[1] // config.patch_size[1])
+        # As transformers' interpolate_pos_encoding: resample only when the grid changes.
+        self.resample = None if grid == config.grid_size else bicubic_grid_matrix(config.grid_size, grid)
+
+    def build(self, input_shape):
+        d = self.config.hidden_size
+        self.cls_token = self.add_weight(shape=(1, 1, d), initializer=init.normal(), name="cls_token")
+        self.position_embeddings = self.add_weight(
+            shape=(1, self.config.num_patches + 1, d), initializer=init.normal(), name="position_embeddings"
+        )
+        self.patch_embeddings.build(input_shape)
+
+    def call(self, images, training=False):
+        x = self.patch_embeddings(images)  # (b, gh, gw, d)
+        b = ops.shape(x)[0]
+        x = ops.reshape(x, (b, -1, self.config.hidden_size))  # (b, p, d)
+        cls = ops.broadcast_to(ops.cast(self.cls_token, x.dtype), (b, 1, self.config.hidden_size))
+        x = ops.concatenate([cls, x], axis=1)  # (b, 1 + p, d)
+        pos = ops.cast(self.position_embeddings, x.dtype)
+        if self.resample is not None:
+            patches = ops.einsum("qp,pd->qd", ops.cast(self.resample, x.dtype), pos[0, 1:])  # (p', d)
+            pos = ops.concatenate([pos[:, :1], patches[None]], axis=1)  # (1, 1 + p', d)
+        x = x + pos
+        return self.dropout(x, training=training) if self.dropout is not None else x
+
+
+class ViTLayer(keras.layers.Layer):
+    """Pre-norm encoder block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: ViTConfig, hidden_dropout: float = 0.0, attention_dropout: float = 0.0, **kwargs):
+        super().__init__(**kwargs)
+        dt = self.dtype_policy
+        self.layernorm_before = _layer_norm(config.layer_norm_eps, "layernorm_before", dt)
+        self.attention = SelfAttention(config.num_heads, config.head_dim, config.qkv_bias, attention_dropout,
+                                       name="attention", dtype=dt)
+        self.layernorm_after = _layer_norm(config.layer_norm_eps, "layernorm_after", dt)
+        self.fc1 = _dense(config.intermediate_size, "fc1", dt)
+        self.fc2 = _dense(config.hidden_size, "fc2", dt)
+        self.act = activations.get(config.hidden_act)
+        self.dropout = keras.layers.Dropout(hidden_dropout, dtype=dt) if hidden_dropout else None
+        self.intermediate_size = config.intermediate_size
+
+    def build(self, input_shape):
+        for layer in (self.layernorm_before, self.attention, self.layernorm_after, self.fc1):
+            layer.build(input_shape)
+        self.fc2.build((*input_shape[:-1], self.intermediate_size))
+
+    def _drop(self, x, training):
+        return self.dropout(x, training=training) if self.dropout is not None else x
+
+    def call(self, x, training=False):
+        x = x + self._drop(self.attention(self.layernorm_before(x), training=training), training)  # (b, t, d)
+        h = self.act(self.fc1(self.layernorm_after(x)))  # (b, t, f)
+        return x + self._drop(self.fc2(h), training)  # (b, t, d)
+
+
+@keras.saving.register_keras_serializable(package="zoo")
+class ViTBackbone(PresetModel):
+    """Vision Transformer encoder: images `(b, h, w, c)` -> hidden states `(b, 1 + patches, d)`.
+
+    Args:
+        config: the architecture.
+        image_size: input resolution if different from `config.image_size`; the position
+            embeddings are then resampled bicubically, as transformers' `interpolate_pos_encoding`.
+        hidden_dropout, attention_dropout: dropout rates used when training.
+
+    Example:
+        >>> cfg = ViTConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
+        ...                 image_size=(16, 16), patch_size=(8, 8), num_labels=3)
+        >>> ViTBackbone(cfg)(np.zeros((1, 16, 16, 3), "float32")).shape
+        (1, 5, 32)
+    """
+
+    family = "vit"
+
+    def __init__(self, config: ViTConfig, image_size=None, hidden_dropout: float = 0.0, attention_dropout: float = 0.0,
+                 **kwargs):
+        kwargs.setdefault("name", "vit_backbone")
+        super().__init__(**kwargs)
+        self.config = config
+        self.image_size = tuple(image_size or config.image_size)
+        self.hidden_dropout, self.attention_dropout = hidden_dropout, attention_dropout
+        if any(s < p for s, p in zip(self.image_size, config.patch_size)):
+            raise ConfigError(f"image_size {self.image_size} is smaller than patch_size {config.patch_size}")
+        dt = self.dtype_policy
+        self.embeddings = ViTEmbeddings(config, self.image_size, hidden_dropout, name="embeddings", dtype=dt)
+        self.encoder_layers = [
+            ViTLayer(config, hidden_dropout, attention_dropout, name=f"layers_{i}", dtype=dt) for i in range(config.num_layers)
+        ]
+        self.layernorm = _layer_norm(config.layer_norm_eps, "layernorm", dt)
+        self.build((None, *self.image_size, config.num_channels))
+
+    def build(self, input_shape):
+        self.embeddings.build(input_shape)
+        tokens = (input_shape[0], None, self.config.hidden_size)
+        for layer in self.encoder_layers:
+            layer.build(tokens)
+        self.layernorm.build(tokens)
+        self.built = True
+
+    def call(self, images, training=False):
+        x = self.embeddings(images, training=training)  # (b, t, d)
+        for layer in self.encoder_layers:
+            x = layer(x, training=training)
+        # timm's average pooling normalises after pooling (its fc_norm) instead.
+        return self.layernorm(x) if self.config.pooling == "token" else x
+
+    def pool(self, hidden):
+        """Hidden states (b, t, d) -> one vector per image (b, d)."""
+        if self.config.pooling == "token":
+            return hidden[:, 0]
+        return self.layernorm(ops.mean(hidden[:, 1:], axis=1))
+
+    def key_map(self, config: ViTConfig) -> list:
+        return checkpoint_map.rows(config, config.source_format)
+
+    def _export_config(self) -> ViTConfig:
+        """A backbone saves as the encoder alone: HF `ViTModel`, or timm with `num_classes` 0."""
+        if self.config.source_format == "timm":
+            return self.config.replace(num_labels=0, id2label=())
+        return self.config.replace(extras={**self.config.extras, "architectures": ["ViTModel"]})
+
+    def get_config(self):
+        return {"config": dataclasses.asdict(self.config), "image_size": self.image_size,
+                "hidden_dropout": self.hidden_dropout, "attention_dropout": self.attention_dropout,
+                "name": self.name, "dtype": self.dtype_policy.name}
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        return cls(_config_from_dict(config.pop("config")), **config)
+
+
+@keras.saving.register_keras_serializable(package="zoo")
+class ViTImageClassifier(PresetModel):
+    """A ViT backbone and a linear head: normalised images `(b, h, w, c)` -> logits `(b, num_labels)`.
+
+    Example:
+        >>> clf = ViTImageClassifier.from_preset("vit_tiny_digits")  # doctest: +SKIP
+        >>> clf.predict_labels("digit.png", top_k=1)  # doctest: +SKIP
+        [[{'label': '7', 'score': 0.99}]]
+    """
+
+    family = "vit"
+
+    def __init__(self, config: ViTConfig, preprocessor: ImagePreprocessor | None = None, image_size=None,
+                 hidden_dropout: float = 0.0, attention_dropout: float = 0.0, **kwargs):
+        kwargs.setdefault("name", "vit_image_classifier")
+        super().__init__(**kwargs)
+        self.config = config
+        self.backbone = ViTBackbone(config, image_size, hidden_dropout, attention_dropout, name="backbone",
+                                    dtype=self.dtype_policy)
+        self.classifier = _dense(config.num_labels, "classifier", self.dtype_policy)
+        self.classifier.build((None, config.hidden_size))
+        self.preprocessor = preprocessor or _default_preprocessor(config, self.backbone.image_size)
+        self.fresh_head = False
+        self.built = True
+
+    def call(self, pixel_values, training=False):
+        hidden = self.backbone(pixel_values, training=training)  # (b, t, d)
+        return self.classifier(self.backbone.pool(hidden))  # (b, labels)
+
+    def preprocess(self, images) -> np.ndarray:
+        """Paths, PIL images or uint8 arrays -> the normalised float32 batch this checkpoint expects."""
+        return self.preprocessor(images)
+
+    def predict_labels(self, images, top_k: int = 5, batch_size: int = 32) -> list[list[dict]]:
+        """Top-k labels per image: `[[{"label": name, "score": probability}, ...], ...]`."""
+        if top_k < 1:
+            raise ValueError(f"top_k must be at least 1, got {top_k}")
+        pixels = self.preprocess(images)
+        logits = np.concatenate([
+            backend.to_numpy(self.predict_on_batch(pixels[i:i + batch_size])) for i in range(0, len(pixels), batch_size)
+        ])
+        probs = _softmax(logits.astype(np.float64))
+        labels = self.config.labels
+        order = np.argsort(-probs, axis=-1, kind="stable")[:, :top_k]
+        return [[{"label": labels[j], "score": float(p[j])} for j in row] for p, row in zip(probs, order)]
+
+    def key_map(self, config: ViTConfig) -> list:
+        return checkpoint_map.rows(config, config.source_format, "backbone/", head=not self.fresh_head)
+
+    @classmethod
+    def _from_folder(cls, config, folder: Path, dtype: str, num_labels: int | None = None, labels=None, **kwargs):
+        fresh = (num_labels is not None and num_labels != config.num_labels) or labels is not None
+        if checkpoint_map.is_bare_backbone(config) and not fresh:
+            raise ConfigError(
+                f"{folder}: this checkpoint is a ViT encoder without a classification head; "
+                "pass num_labels= or labels= to ViTImageClassifier.from_preset to start a new head"
+            )
+        if fresh:
+            labels = tuple(labels) if labels is not None else ()
+            config = config.replace(num_labels=len(labels) if labels else num_labels, id2label=labels)
+        preprocessor = _read_preprocessor(config, folder, kwargs.get("image_size"))
+        model = cls(config, preprocessor, dtype=dtype, **kwargs)
+        model.fresh_head = fresh
+        return model
+
+    def _after_load(self):
+        if self.fresh_head:  # built under skip_init: give the new head its real initial values
+            for variable, initializer in ((self.classifier.kernel, self.classifier.kernel_initializer),
+                                          (self.classifier.bias, self.classifier.bias_initializer)):
+                variable.assign(initializer.initializer(variable.shape, dtype=variable.dtype))
+
+    def _save_extras(self, folder: Path):
+        if self.config.source_format == "hf":
+            (folder / PREPROCESSOR_FILE).write_text(json.dumps(self.preprocessor.to_hf(), indent=2) + "\n")
+
+    def get_config(self):
+        return {"config": dataclasses.asdict(self.config), "preprocessor": dataclasses.asdict(self.preprocessor),
+                "image_size": self.backbone.image_size, "name": self.name, "dtype": self.dtype_policy.name}
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        pre = {k: tuple(v) if isinstance(v, list) else v for k, v in config.pop("preprocessor").items()}
+        return cls(_config_from_dict(config.pop("config")), ImagePreprocessor(**pre), **config)
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _config_from_dict(d: dict) -> ViTConfig:
+    return ViTConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def _default_preprocessor(config: ViTConfig, image_size) -> ImagePreprocessor:
+    if config.source_format == "timm":
+        return ImagePreprocessor.from_timm(config.extras.get("pretrained_cfg", {}), tuple(image_size), config.num_channels)
+    return ImagePreprocessor(size=tuple(image_size), num_channels=config.num_channels)
+
+
+def _read_preprocessor(config: ViTConfig, folder: Path, image_size) -> ImagePreprocessor:
+    """preprocessor_config.json for HF layouts (resized to `image_size` if the user asked for another)."""
+    path = folder / PREPROCESSOR_FILE
+    size = tuple(image_size or config.image_size)
+    if config.source_format == "hf" and path.is_file():
+        try:
+            raw = json.loads(path.read_text())
+        except ValueError as e:
+            raise ConfigError(f"{path}: not valid JSON: {e}") from e
+        pre = ImagePreprocessor.from_hf(raw, config.num_channels)
+        if image_size is not None:
+            pre = dataclasses.replace(pre, size=size, shortest_edge=None, crop_size=None)
+        return pre
+    return _default_preprocessor(config, size)
