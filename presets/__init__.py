@@ -1,0 +1,83 @@
+"""The preset registry (`zoo.presets`): one TOML card per preset, beside this file.
+
+This folder is shipped as the `zoo.presets` package, so the registry code lives here with
+the cards it reads (DESIGN.md's `zoo/presets.py` would shadow the package of the same name).
+
+A card is data: name, task class, description, parameter count, license, whether the
+upstream repo is gated, the handles it can be downloaded from (Hugging Face first), and,
+for presets shipped inside the package, the bundled folder's name.
+"""
+
+import difflib
+import tomllib
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+
+from zoo.errors import ConfigError, PresetNotFoundError
+
+
+@dataclass(frozen=True)
+class PresetCard:
+    """What `zoo list` and `zoo info` show, and where `from_preset` finds the files."""
+
+    name: str
+    task: str
+    description: str
+    params: int
+    license: str
+    gated: bool = False
+    sources: tuple[str, ...] = ()
+    bundled: str | None = None
+    config: dict = field(default_factory=dict, compare=False)  # architecture config.json, when given
+
+    @property
+    def folder(self) -> Path | None:
+        """The bundled checkpoint folder shipped inside the package, if any."""
+        return presets_dir() / self.bundled if self.bundled else None
+
+
+def presets_dir() -> Path:
+    return Path(__file__).resolve().parent
+
+
+def _card(path: Path) -> PresetCard:
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from e
+    known = PresetCard.__dataclass_fields__
+    unknown = set(raw) - set(known)
+    if unknown:
+        raise ConfigError(f"{path}: unknown fields {sorted(unknown)}; expected some of {sorted(known)}")
+    missing = {"name", "task", "description", "params", "license"} - set(raw)
+    if missing:
+        raise ConfigError(f"{path}: missing fields {sorted(missing)}")
+    raw["sources"] = tuple(raw.get("sources", ()))
+    return PresetCard(**raw)
+
+
+@cache
+def _all_cards() -> dict[str, PresetCard]:
+    cards = {}
+    for path in sorted(presets_dir().glob("*.toml")):
+        card = _card(path)
+        if card.name in cards:
+            raise ConfigError(f"{path}: preset name {card.name!r} is used twice")
+        cards[card.name] = card
+    return cards
+
+
+def list_presets(task: str | None = None) -> list[PresetCard]:
+    """All preset cards, or those of one task class (e.g. "ViTImageClassifier")."""
+    return [c for c in _all_cards().values() if task is None or c.task == task]
+
+
+def get(name: str) -> PresetCard:
+    """The card called `name`, or an error suggesting the nearest names."""
+    cards = _all_cards()
+    if name in cards:
+        return cards[name]
+    near = difflib.get_close_matches(name, cards, n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(near)}?" if near else "; `zoo list` shows them all"
+    raise PresetNotFoundError(f"unknown preset {name!r}{hint}")

@@ -2,17 +2,18 @@
 
 A folder holds either `model.safetensors` or shards named by `model.safetensors.index.json`.
 `Checkpoint.open` validates every header up front (so a truncated or lying file fails before
-any weight is touched) and `Checkpoint.read` returns one tensor, opening and closing its file
-around the read: safetensors maps the file, and the pages a read touches stay resident until
-the file is closed, so keeping files open would hold a second copy of the weights.
+any weight is touched) and `Checkpoint.read_many` streams tensors, re-opening the file every
+32 MB: safetensors maps the file, and the pages a read touches stay resident until the file
+is closed, so keeping it open throughout would hold a second copy of the weights.
 """
 
+import itertools
 import json
 import math
 import os
 import re
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,15 +84,44 @@ class Checkpoint:
 
     def read(self, name: str) -> np.ndarray:
         """Returns one tensor as a NumPy array (bfloat16 through ml_dtypes)."""
-        info = self.tensors[name]
+        return next(self.read_many([name]))
+
+    def read_many(self, names: list[str], reopen_every: int = 32 * 2**20) -> Iterator[np.ndarray]:
+        """Yields the tensors in order, each an array the caller owns.
+
+        Where the backend can keep the file's mapping as the weights' storage (PyTorch), the
+        arrays are views of that mapping. Otherwise each is a fresh copy, and a file stays open
+        for at most `reopen_every` bytes of reads: the mapped pages a read touches stay resident
+        until the file is closed, so this bounds that second copy.
+        """
+        from zoo import backend
+
+        for file, group in itertools.groupby(names, key=lambda n: self.tensors[n].file):
+            group = list(group)
+            mapped = backend.read_mapped(file, group)
+            yield from mapped if mapped is not None else self._read_copies(group, reopen_every)
+
+    def _read_copies(self, names: list[str], reopen_every: int) -> Iterator[np.ndarray]:
+        handle, handle_file, since_open = None, None, 0
         try:
-            with safe_open(info.file, framework="numpy") as f:
-                return f.get_tensor(name)
-        except (SafetensorError, OSError) as e:
-            raise CorruptCheckpointError(
-                f"{info.file.name}: cannot read tensor {name!r} "
-                f"(expected {info.dtype} {info.shape}): {e}"
-            ) from e
+            for name in names:
+                info = self.tensors[name]
+                if handle is None or info.file != handle_file or since_open >= reopen_every:
+                    if handle is not None:
+                        handle.__exit__(None, None, None)
+                    handle = safe_open(info.file, framework="numpy").__enter__()
+                    handle_file, since_open = info.file, 0
+                try:
+                    array = handle.get_tensor(name)
+                except (SafetensorError, OSError) as e:
+                    raise CorruptCheckpointError(
+                        f"{info.file.name}: cannot read tensor {name!r} (expected {info.dtype} {info.shape}): {e}"
+                    ) from e
+                since_open += array.nbytes
+                yield array
+        finally:
+            if handle is not None:
+                handle.__exit__(None, None, None)
 
     @property
     def files(self) -> list[Path]:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from zoo import backend
 from zoo.checkpoint import Checkpoint, PendingTensor, TensorInfo
 from zoo.errors import CheckpointError, MissingWeightsError, ShapeMismatchError, UnexpectedWeightsError
 
@@ -31,33 +32,21 @@ class Transform:
     source_shape: Callable[[Shape], Shape]
 
 
-def _heads_in_shape(t: Shape) -> Shape:  # kernel (d, n, h) <- Linear weight (n*h, d)
-    return (t[1] * t[2], t[0])
-
-
-def _heads_out_shape(t: Shape) -> Shape:  # kernel (n, h, d) <- Linear weight (d, n*h)
-    return (t[2], t[0] * t[1])
-
-
 TRANSFORMS: dict[str, Transform] = {
     "identity": Transform(lambda x, t: x, lambda w: w, lambda t: t),
-    # Linear weight (out, in) <-> Dense kernel (in, out).
+    # Linear weight (out, in) <-> kernel (in, out), for layers that keep Keras' layout.
     "transpose": Transform(lambda x, t: x.T, lambda w: w.T, lambda t: t[::-1]),
-    # Linear weight (n*h, d) <-> einsum kernel (d, n, h).
-    "heads_in": Transform(
-        lambda x, t: x.reshape(t[1], t[2], t[0]).transpose(2, 0, 1),
-        lambda w: w.transpose(1, 2, 0).reshape(-1, w.shape[0]),
-        _heads_in_shape,
+    # Linear weight (n*h, d) <-> kernel (n, h, d): the rows split into heads (a free reshape).
+    "rows_to_heads": Transform(
+        lambda x, t: x.reshape(t), lambda w: w.reshape(-1, w.shape[-1]), lambda t: (t[0] * t[1], t[2])
     ),
-    # Linear weight (d, n*h) <-> einsum kernel (n, h, d).
-    "heads_out": Transform(
-        lambda x, t: x.T.reshape(t),
-        lambda w: w.reshape(-1, w.shape[-1]).T,
-        _heads_out_shape,
+    # Linear weight (d, n*h) <-> kernel (d, n, h): the columns split into heads.
+    "cols_to_heads": Transform(
+        lambda x, t: x.reshape(t), lambda w: w.reshape(w.shape[0], -1), lambda t: (t[0], t[1] * t[2])
     ),
     # Bias (n*h,) <-> (n, h).
     "heads_bias": Transform(lambda x, t: x.reshape(t), lambda w: w.reshape(-1), lambda t: (math.prod(t),)),
-    # Conv2d weight (d, c, p, q) <-> patch kernel (p, q, c, d).
+    # Conv2d weight (d, c, p, q) <-> Keras Conv2D kernel (p, q, c, d).
     "conv_patch": Transform(
         lambda x, t: x.transpose(2, 3, 1, 0),
         lambda w: w.transpose(3, 2, 0, 1),
@@ -193,15 +182,17 @@ def _expected_source_shape(rows: list[Row], path: str, weights: dict) -> Shape |
 
 def load(assignments: list[Assignment], checkpoint: Checkpoint, weights: dict) -> None:
     """Streams each planned tensor into its weight(s), casting to the weight's dtype."""
-    for a in assignments:
-        array = checkpoint.read(a.source.name)
+    for a, array in zip(assignments, checkpoint.read_many([a.source.name for a in assignments])):
         transform = TRANSFORMS[a.transform]
         shapes = [tuple(weights[t].shape) for t in a.targets]
         sizes = [transform.source_shape(s)[0] for s in shapes]
         parts = np.split(array, np.cumsum(sizes)[:-1], axis=0) if len(shapes) > 1 else [array]
         for path, part, shape in zip(a.targets, parts, shapes):
             variable = weights[path]
-            variable.assign(np.asarray(transform.forward(part, shape), dtype=_numpy_dtype(variable.dtype)))
+            value = transform.forward(part, shape)
+            if value.dtype != _numpy_dtype(variable.dtype):
+                value = value.astype(_numpy_dtype(variable.dtype))
+            backend.set_value(variable, value)
         del array, parts
 
 

@@ -3,41 +3,29 @@
 import keras
 from keras import ops
 
-from zoo.layers import init
-
-
-def projection(equation: str, output_shape, bias_axes: str | None, name: str, dtype=None) -> keras.layers.EinsumDense:
-    """An EinsumDense with our skippable initialisers (so Keras' `enable_lora` works on it)."""
-    return keras.layers.EinsumDense(
-        equation,
-        output_shape=output_shape,
-        bias_axes=bias_axes,
-        kernel_initializer=init.normal(),
-        bias_initializer=init.zeros(),
-        name=name,
-        dtype=dtype,
-    )
+from zoo.layers.dense import einsum_dense as projection
 
 
 class SelfAttention(keras.layers.Layer):
     """Multi-head self-attention without masking or positions (ViT-style).
 
-    Weights: `q_proj`, `k_proj`, `v_proj` with kernels (d, n, h) and `o_proj` with kernel (n, h, d).
+    Weights: `q_proj`, `k_proj`, `v_proj` with kernels (n, h, d) and `o_proj` with kernel (d, n, h),
+    the PyTorch Linear layouts (n*h, d) and (d, n*h) with the heads split out.
     """
 
     def __init__(self, num_heads: int, head_dim: int, use_bias: bool = True, dropout: float = 0.0, **kwargs):
         super().__init__(**kwargs)
         self.num_heads, self.head_dim, self.dropout = num_heads, head_dim, dropout
         shape, bias = (None, num_heads, head_dim), ("nh" if use_bias else None)
-        self.q_proj = projection("btd,dnh->btnh", shape, bias, "q_proj", self.dtype_policy)
-        self.k_proj = projection("btd,dnh->btnh", shape, bias, "k_proj", self.dtype_policy)
-        self.v_proj = projection("btd,dnh->btnh", shape, bias, "v_proj", self.dtype_policy)
+        self.q_proj = projection("btd,nhd->btnh", shape, bias, "q_proj", self.dtype_policy)
+        self.k_proj = projection("btd,nhd->btnh", shape, bias, "k_proj", self.dtype_policy)
+        self.v_proj = projection("btd,nhd->btnh", shape, bias, "v_proj", self.dtype_policy)
         self.o_proj = None  # built in build(), once the model width is known
         self.attention_dropout = keras.layers.Dropout(dropout, dtype=self.dtype_policy) if dropout else None
 
     def build(self, input_shape):
         width = input_shape[-1]
-        self.o_proj = projection("btnh,nhd->btd", (None, width), "d", "o_proj", self.dtype_policy)
+        self.o_proj = projection("btnh,dnh->btd", (None, width), "d", "o_proj", self.dtype_policy)
         for layer in (self.q_proj, self.k_proj, self.v_proj):
             layer.build(input_shape)
         self.o_proj.build((*input_shape[:-1], self.num_heads, self.head_dim))

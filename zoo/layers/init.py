@@ -1,14 +1,16 @@
 """Weight initialisers that can be skipped while a checkpoint is about to overwrite the weights.
 
 Building a 1 GB model with random initialisers costs seconds that `from_preset` would throw
-away. Inside `skip_init()` every `Skippable` initialiser returns zeros instead (one cheap fill),
-the way transformers' `no_init_weights` does.
+away. Inside `skip_init()` every `Skippable` initialiser returns the backend's cheapest zeros
+instead (`zoo.backend.placeholder`), the way transformers' `no_init_weights` does.
 """
 
 import contextlib
 import contextvars
 
 import keras
+
+from zoo import backend
 
 _SKIP = contextvars.ContextVar("zoo_skip_init", default=False)
 
@@ -32,7 +34,7 @@ class Skippable(keras.initializers.Initializer):
 
     def __call__(self, shape, dtype=None):
         if _SKIP.get():
-            return keras.ops.zeros(shape, dtype=dtype)
+            return backend.placeholder(shape, keras.backend.standardize_dtype(dtype))
         return self.initializer(shape, dtype=dtype)
 
     def get_config(self):

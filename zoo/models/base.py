@@ -63,7 +63,8 @@ class PresetModel(keras.Model):
         checkpoint = Checkpoint.open(folder)
         with skip_init():
             model = cls._from_folder(config, folder, dtype=dtype or config.dtype, **kwargs)
-        weights = weights_by_path(model)
+        fresh = model._fresh_weights()
+        weights = {path: v for path, v in weights_by_path(model).items() if path not in fresh}
         rows = model.key_map(model.config)
         load(plan(rows, checkpoint, weights), checkpoint, weights)
         model._after_load()
@@ -92,8 +93,12 @@ class PresetModel(keras.Model):
         """The config that describes what `save_preset` writes."""
         return self.config
 
+    def _fresh_weights(self) -> set[str]:
+        """Weight paths the checkpoint does not fill on purpose (a new head); `_after_load` initialises them."""
+        return set()
+
     def _after_load(self) -> None:
-        """Runs once the checkpoint is in (e.g. to initialise a replaced head)."""
+        """Runs once the checkpoint is in (e.g. to initialise a new head)."""
 
     def _save_extras(self, folder: Path) -> None:
         """Writes files besides config.json and the weights."""

@@ -11,26 +11,26 @@ _HF_BACKBONE = [
     Row("embeddings.patch_embeddings.projection.bias", "embeddings/patch_embeddings/bias"),
     Row("encoder.layer.{i}.layernorm_before.weight", "layers_{i}/layernorm_before/gamma"),
     Row("encoder.layer.{i}.layernorm_before.bias", "layers_{i}/layernorm_before/beta"),
-    Row("encoder.layer.{i}.attention.attention.query.weight", "layers_{i}/attention/q_proj/kernel", "heads_in"),
+    Row("encoder.layer.{i}.attention.attention.query.weight", "layers_{i}/attention/q_proj/kernel", "rows_to_heads"),
     Row("encoder.layer.{i}.attention.attention.query.bias", "layers_{i}/attention/q_proj/bias", "heads_bias"),
-    Row("encoder.layer.{i}.attention.attention.key.weight", "layers_{i}/attention/k_proj/kernel", "heads_in"),
+    Row("encoder.layer.{i}.attention.attention.key.weight", "layers_{i}/attention/k_proj/kernel", "rows_to_heads"),
     Row("encoder.layer.{i}.attention.attention.key.bias", "layers_{i}/attention/k_proj/bias", "heads_bias"),
-    Row("encoder.layer.{i}.attention.attention.value.weight", "layers_{i}/attention/v_proj/kernel", "heads_in"),
+    Row("encoder.layer.{i}.attention.attention.value.weight", "layers_{i}/attention/v_proj/kernel", "rows_to_heads"),
     Row("encoder.layer.{i}.attention.attention.value.bias", "layers_{i}/attention/v_proj/bias", "heads_bias"),
-    Row("encoder.layer.{i}.attention.output.dense.weight", "layers_{i}/attention/o_proj/kernel", "heads_out"),
+    Row("encoder.layer.{i}.attention.output.dense.weight", "layers_{i}/attention/o_proj/kernel", "cols_to_heads"),
     Row("encoder.layer.{i}.attention.output.dense.bias", "layers_{i}/attention/o_proj/bias"),
     Row("encoder.layer.{i}.layernorm_after.weight", "layers_{i}/layernorm_after/gamma"),
     Row("encoder.layer.{i}.layernorm_after.bias", "layers_{i}/layernorm_after/beta"),
-    Row("encoder.layer.{i}.intermediate.dense.weight", "layers_{i}/fc1/kernel", "transpose"),
+    Row("encoder.layer.{i}.intermediate.dense.weight", "layers_{i}/fc1/kernel"),
     Row("encoder.layer.{i}.intermediate.dense.bias", "layers_{i}/fc1/bias"),
-    Row("encoder.layer.{i}.output.dense.weight", "layers_{i}/fc2/kernel", "transpose"),
+    Row("encoder.layer.{i}.output.dense.weight", "layers_{i}/fc2/kernel"),
     Row("encoder.layer.{i}.output.dense.bias", "layers_{i}/fc2/bias"),
     Row("layernorm.weight", "layernorm/gamma"),
     Row("layernorm.bias", "layernorm/beta"),
 ]
 # Present in some HF checkpoints, unused by an image classifier.
 _HF_UNUSED = ["pooler.dense.weight", "pooler.dense.bias", "embeddings.mask_token"]
-_HF_HEAD = [Row("classifier.weight", "classifier/kernel", "transpose"), Row("classifier.bias", "classifier/bias")]
+_HF_HEAD = [Row("classifier.weight", "classifier/kernel"), Row("classifier.bias", "classifier/bias")]
 
 _TIMM_BACKBONE = [
     Row("cls_token", "embeddings/cls_token"),
@@ -39,18 +39,18 @@ _TIMM_BACKBONE = [
     Row("patch_embed.proj.bias", "embeddings/patch_embeddings/bias"),
     Row("blocks.{i}.norm1.weight", "layers_{i}/layernorm_before/gamma"),
     Row("blocks.{i}.norm1.bias", "layers_{i}/layernorm_before/beta"),
-    Row("blocks.{i}.attn.qkv.weight", tuple(f"layers_{{i}}/attention/{p}_proj/kernel" for p in "qkv"), "heads_in"),
+    Row("blocks.{i}.attn.qkv.weight", tuple(f"layers_{{i}}/attention/{p}_proj/kernel" for p in "qkv"), "rows_to_heads"),
     Row("blocks.{i}.attn.qkv.bias", tuple(f"layers_{{i}}/attention/{p}_proj/bias" for p in "qkv"), "heads_bias"),
-    Row("blocks.{i}.attn.proj.weight", "layers_{i}/attention/o_proj/kernel", "heads_out"),
+    Row("blocks.{i}.attn.proj.weight", "layers_{i}/attention/o_proj/kernel", "cols_to_heads"),
     Row("blocks.{i}.attn.proj.bias", "layers_{i}/attention/o_proj/bias"),
     Row("blocks.{i}.norm2.weight", "layers_{i}/layernorm_after/gamma"),
     Row("blocks.{i}.norm2.bias", "layers_{i}/layernorm_after/beta"),
-    Row("blocks.{i}.mlp.fc1.weight", "layers_{i}/fc1/kernel", "transpose"),
+    Row("blocks.{i}.mlp.fc1.weight", "layers_{i}/fc1/kernel"),
     Row("blocks.{i}.mlp.fc1.bias", "layers_{i}/fc1/bias"),
-    Row("blocks.{i}.mlp.fc2.weight", "layers_{i}/fc2/kernel", "transpose"),
+    Row("blocks.{i}.mlp.fc2.weight", "layers_{i}/fc2/kernel"),
     Row("blocks.{i}.mlp.fc2.bias", "layers_{i}/fc2/bias"),
 ]
-_TIMM_HEAD = [Row("head.weight", "classifier/kernel", "transpose"), Row("head.bias", "classifier/bias")]
+_TIMM_HEAD = [Row("head.weight", "classifier/kernel"), Row("head.bias", "classifier/bias")]
 
 
 def _with_prefix(rows: list[Row], source: str, target: str) -> list[Row]:

@@ -12,15 +12,12 @@ from zoo import backend
 from zoo.errors import ConfigError
 from zoo.layers import activations, init
 from zoo.layers.attention import SelfAttention
+from zoo.layers.dense import linear
 from zoo.layers.interpolate import bicubic_grid_matrix
 from zoo.models.base import PresetModel
 from zoo.models.vit import checkpoint_map
 from zoo.models.vit.config import ViTConfig
 from zoo.models.vit.preprocess import PREPROCESSOR_FILE, ImagePreprocessor
-
-
-def _dense(units: int, name: str, dtype) -> keras.layers.Dense:
-    return keras.layers.Dense(units, kernel_initializer=init.normal(), bias_initializer=init.zeros(), name=name, dtype=dtype)
 
 
 def _layer_norm(eps: float, name: str, dtype) -> keras.layers.LayerNormalization:
@@ -75,8 +72,8 @@ class ViTLayer(keras.layers.Layer):
         self.attention = SelfAttention(config.num_heads, config.head_dim, config.qkv_bias, attention_dropout,
                                        name="attention", dtype=dt)
         self.layernorm_after = _layer_norm(config.layer_norm_eps, "layernorm_after", dt)
-        self.fc1 = _dense(config.intermediate_size, "fc1", dt)
-        self.fc2 = _dense(config.hidden_size, "fc2", dt)
+        self.fc1 = linear(config.intermediate_size, "fc1", dt)
+        self.fc2 = linear(config.hidden_size, "fc2", dt)
         self.act = activations.get(config.hidden_act)
         self.dropout = keras.layers.Dropout(hidden_dropout, dtype=dt) if hidden_dropout else None
         self.intermediate_size = config.intermediate_size
@@ -191,7 +188,7 @@ class ViTImageClassifier(PresetModel):
         self.config = config
         self.backbone = ViTBackbone(config, image_size, hidden_dropout, attention_dropout, name="backbone",
                                     dtype=self.dtype_policy)
-        self.classifier = _dense(config.num_labels, "classifier", self.dtype_policy)
+        self.classifier = linear(config.num_labels, "classifier", self.dtype_policy)
         self.classifier.build((None, config.hidden_size))
         self.preprocessor = preprocessor or _default_preprocessor(config, self.backbone.image_size)
         self.fresh_head = False
@@ -236,6 +233,9 @@ class ViTImageClassifier(PresetModel):
         model = cls(config, preprocessor, dtype=dtype, **kwargs)
         model.fresh_head = fresh
         return model
+
+    def _fresh_weights(self) -> set[str]:
+        return {"classifier/kernel", "classifier/bias"} if self.fresh_head else set()
 
     def _after_load(self):
         if self.fresh_head:  # built under skip_init: give the new head its real initial values

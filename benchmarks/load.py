@@ -1,0 +1,127 @@
+"""Loading a ~1 GB float32 checkpoint: wall time and peak RSS, keras-zoo on each backend vs transformers.
+
+The checkpoint is a ViT (width 1024, 20 layers, 251M parameters, 1.0 GB in float32) written once
+with transformers' `save_pretrained` into benchmarks/out/. Each loader runs in a fresh process
+(so peak RSS is its own), after its imports; the reported peak is the process's maximum RSS,
+and "weights" is that peak minus the RSS after imports. transformers 5 maps the safetensors
+file into its parameters, so its RSS grows only as weights are read: the script reads every
+weight once after loading, and the peak RSS reported is the maximum over load and that read. Each loader runs `--repeats` times,
+alternating, and medians are reported. The page cache is warm for every loader alike.
+
+Usage:
+    python benchmarks/load.py [--repeats 3] [--backends jax,torch,tensorflow] [--write]
+"""
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import BACKENDS, run_worker, versions, write_section  # noqa: E402
+
+FOLDER = Path(__file__).resolve().parent / "out" / "vit_1gb"
+CONFIG = dict(hidden_size=1024, num_hidden_layers=20, num_attention_heads=16, intermediate_size=4096,
+              image_size=224, patch_size=16, num_labels=1000)
+
+
+def rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def make_checkpoint() -> None:
+    if (FOLDER / "model.safetensors").exists():
+        return
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    ViTForImageClassification(ViTConfig(**CONFIG)).save_pretrained(FOLDER)
+
+
+def worker(loader: str) -> None:
+    if loader == "transformers":
+        import torch  # noqa: F401
+        from transformers import ViTForImageClassification
+
+        def load():
+            return ViTForImageClassification.from_pretrained(FOLDER)
+    elif loader == "keras-zoo":
+        import zoo
+
+        def load():
+            return zoo.ViTImageClassifier.from_preset(FOLDER)
+    else:
+        raise SystemExit(f"unknown loader {loader}")
+    baseline = rss_mib()
+    start = time.perf_counter()
+    model = load()
+    seconds = time.perf_counter() - start
+    load_peak = peak_mib()
+    _touch(model)  # transformers maps the file: its weights become resident only when read
+    print(json.dumps({"seconds": seconds, "load_peak_mib": load_peak, "peak_mib": peak_mib(),
+                      "baseline_mib": baseline, "resident_mib": rss_mib(), "params": _count(model)}))
+
+
+def _touch(model) -> float:
+    if hasattr(model, "parameters"):
+        import torch
+
+        with torch.no_grad():
+            return float(sum(p.float().sum() for p in model.parameters()))
+    from keras import ops
+
+    return float(sum(ops.convert_to_numpy(ops.sum(v.value)) for v in model.weights))
+
+
+def _count(model) -> int:
+    if hasattr(model, "count_params"):
+        return int(model.count_params())
+    return sum(p.numel() for p in model.parameters())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--backends", default=",".join(BACKENDS))
+    parser.add_argument("--write", action="store_true")
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args.worker)
+    make_checkpoint()
+    size = (FOLDER / "model.safetensors").stat().st_size / 2**20
+    contenders = [("transformers", "torch")] + [("keras-zoo", b) for b in args.backends.split(",")]
+    runs = {c: [] for c in contenders}
+    for _ in range(args.repeats):
+        for loader, backend in contenders:
+            runs[(loader, backend)].append(run_worker(__file__, backend, [loader]))
+    ref = {k: statistics.median(r[k] for r in runs[("transformers", "torch")]) for k in ("seconds", "peak_mib")}
+    lines = ["| loader | backend | load s | peak RSS MiB (load + first read) | RSS after imports MiB | peak minus imports MiB | time vs transformers | peak vs transformers |",
+             "|---|---|---|---|---|---|---|---|"]
+    for (loader, backend), results in runs.items():
+        med = {k: statistics.median(r[k] for r in results) for k in ("seconds", "peak_mib", "baseline_mib")}
+        lines.append(f"| {loader} | {backend} | {med['seconds']:.2f} | {med['peak_mib']:.0f} | {med['baseline_mib']:.0f} | "
+                     f"{med['peak_mib'] - med['baseline_mib']:.0f} | {med['seconds'] / ref['seconds']:.2f}x | "
+                     f"{med['peak_mib'] / ref['peak_mib']:.2f}x |")
+        print(lines[-1], flush=True)
+    table = "\n".join(lines)
+    print(table)
+    if args.write:
+        write_section("load", (
+            f"## Loading a {size:.0f} MiB float32 checkpoint (ViT, 251M parameters)\n\n"
+            f"Command: `python benchmarks/load.py --repeats {args.repeats} --write`\n\n{table}\n\n"
+            f"Medians of {args.repeats} runs per loader, each in a fresh process, page cache warm. {versions()}."
+        ))
+
+
+if __name__ == "__main__":
+    main()

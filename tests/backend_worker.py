@@ -1,0 +1,23 @@
+"""Run by tests in a subprocess under another KERAS_BACKEND: loads a preset, writes its outputs.
+
+Usage: python backend_worker.py vit FOLDER INPUT.npy OUTPUT.npy
+"""
+
+import sys
+
+import numpy as np
+
+
+def main(kind: str, folder: str, inputs: str, output: str) -> None:
+    import zoo
+    from zoo.backend import to_numpy
+
+    if kind == "vit":
+        model = zoo.ViTImageClassifier.from_preset(folder)
+        np.save(output, to_numpy(model(np.load(inputs))))
+    else:
+        raise SystemExit(f"unknown kind {kind!r}")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
