@@ -1,0 +1,83 @@
+"""The bundled vit_tiny_digits preset, its training script, and `zoo classify`."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+import zoo
+from zoo import cli
+from zoo.checkpoints_tools import train_vit_digits
+
+SAMPLES = sorted(zoo.presets.get("vit_tiny_digits").folder.joinpath("samples").glob("digit_*.png"))
+
+
+def test_bundled_preset_card_matches_model():
+    card = zoo.presets.get("vit_tiny_digits")
+    model = zoo.ViTImageClassifier.from_preset("vit_tiny_digits")
+    assert card.task == "ViTImageClassifier" and card.params == model.count_params()
+    assert sum(p.stat().st_size for p in card.folder.rglob("*") if p.is_file()) < 3 * 2**20
+    assert [c.name for c in zoo.list_presets(task="ViTImageClassifier")] == ["vit_tiny_digits"]
+
+
+def test_bundled_preset_reads_its_samples():
+    assert len(SAMPLES) >= 5
+    results = zoo.from_preset("vit_tiny_digits").predict_labels(SAMPLES, top_k=3)
+    for path, labels in zip(SAMPLES, results):
+        assert labels[0]["label"] == path.stem.split("_")[1], (path.name, labels)
+        assert labels[0]["score"] > 0.9 and len(labels) == 3
+        assert labels[0]["score"] >= labels[1]["score"] >= labels[2]["score"]
+
+
+def test_unknown_preset_suggests_names():
+    with pytest.raises(zoo.errors.PresetNotFoundError, match="did you mean vit_tiny_digits"):
+        zoo.ViTImageClassifier.from_preset("vit_tiny_digit")
+
+
+def test_training_script_is_seeded_and_reproducible(tmp_path):
+    """Two short runs with one seed write identical weights (the full run reports >= 95%)."""
+    outs = [tmp_path / "a", tmp_path / "b"]
+    for out in outs:
+        accuracy = train_vit_digits.train(out, epochs=1, seed=3, limit=48)
+        assert 0.0 <= accuracy <= 1.0
+    first, second = (load_file(out / "model.safetensors") for out in outs)
+    assert first.keys() == second.keys()
+    for name in first:
+        np.testing.assert_array_equal(first[name], second[name], err_msg=name)
+    assert zoo.ViTImageClassifier.from_preset(outs[0]).config.labels == tuple("0123456789")
+
+
+def test_classify_samples_table(capsys):
+    assert cli.main(["classify", "--samples", "--top-k", "2"]) == 0
+    out = capsys.readouterr().out
+    for path in SAMPLES:
+        assert str(path) in out
+    assert out.count("\n  ") == 2 * len(SAMPLES)
+
+
+def test_classify_json(capsys):
+    assert cli.main(["classify", str(SAMPLES[0]), "--top-k", "1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result[0]["image"] == str(SAMPLES[0])
+    assert result[0]["labels"][0]["label"] == SAMPLES[0].stem.split("_")[1]
+
+
+def test_classify_errors_are_reported(capsys, tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    assert cli.main(["classify", str(bad)]) == 1
+    assert "cannot decode the image" in capsys.readouterr().err
+    assert cli.main(["classify", "x.png", "--preset", "no_such_preset"]) == 1
+    assert "unknown preset 'no_such_preset'" in capsys.readouterr().err
+
+
+def test_console_script_runs():
+    """The installed `zoo` command works in a fresh process."""
+    proc = subprocess.run([sys.executable, "-m", "zoo.cli", "classify", str(SAMPLES[0]), "--top-k", "1"],
+                          capture_output=True, text=True, env=dict(os.environ), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert SAMPLES[0].stem.split("_")[1] in proc.stdout
