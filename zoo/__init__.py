@@ -11,6 +11,7 @@ from zoo import _select_backend
 _select_backend.choose()
 
 from zoo import errors  # noqa: E402  (the backend must be chosen before Keras is imported)
+from zoo.models.gemma import GemmaBackbone, GemmaCausalLM, GemmaConfig  # noqa: E402
 from zoo.models.vit import ImagePreprocessor, ViTBackbone, ViTConfig, ViTImageClassifier  # noqa: E402
 from zoo.presets import PresetCard, list_presets  # noqa: E402
 
@@ -31,6 +32,9 @@ def from_preset(preset, **kwargs):
 
 
 __all__ = [
+    "GemmaBackbone",
+    "GemmaCausalLM",
+    "GemmaConfig",
     "ImagePreprocessor",
     "PresetCard",
     "ViTBackbone",

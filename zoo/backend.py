@@ -141,3 +141,128 @@ def read_mapped(path, names):
 def set_value(variable, array: np.ndarray) -> None:
     """Gives a weight the value of a host array that nothing else will use (it may become the storage)."""
     _ADOPT.get(NAME, _assign)(variable, array)
+
+
+# ----------------------------------------------------------------------------- KV cache writes
+
+
+def _torch_write_rows(cache, indices, updates):
+    # In place: the generation engine owns the preallocated cache buffer.
+    cache[indices[:, 0], indices[:, 1]] = updates.to(cache.dtype)
+    return cache
+
+
+_WRITE_ROWS = {"torch": _torch_write_rows}
+
+
+def write_rows(cache, indices, updates):
+    """cache (B, S, ...) with rows [indices[i, 0], indices[i, 1]] set to updates[i]; returns the cache.
+
+    Functional (a scatter that XLA performs in place when the cache is donated) on JAX and
+    TensorFlow; in place on PyTorch.
+    """
+    write = _WRITE_ROWS.get(NAME)
+    if write:
+        return write(cache, indices, updates)
+    return keras.ops.scatter_update(cache, indices, keras.ops.cast(updates, cache.dtype))
+
+
+# ----------------------------------------------------------------------------- compiled generation steps
+# `compile_step(model, fn, cache_arg)` turns `fn(*args) -> (outputs, cache)`, a function that reads
+# the model's weights, into a compiled callable with the same signature:
+# - JAX: `jax.jit` over a stateless function of the weights' values (arguments, not constants baked
+#   into the program), the cache argument donated so XLA updates it in place;
+# - TensorFlow: `tf.function(jit_compile=True)`, which captures the variables by reference;
+# - PyTorch: the function traced with TorchScript, which replays the recorded aten ops without
+#   Keras' per-op Python dispatch (~50 us an op); "eager" (under no_grad) and "compile"
+#   (torch.compile) are kept to compare — benchmarks/generate.py measures all three.
+# Each compiled callable is specialised to its input shapes; the engine bounds how many it makes.
+
+TORCH_MODES = ("trace", "eager", "compile")
+
+
+def _jax(model, fn, cache_arg):
+    import jax
+
+    variables = list(model.variables)
+
+    def pure(values, *args):
+        with keras.StatelessScope(state_mapping=list(zip(variables, values))):
+            return fn(*args)
+
+    jitted = jax.jit(pure, donate_argnums=(cache_arg + 1,))
+    return lambda *args: jitted([v.value for v in variables], *args)
+
+
+def _tensorflow(model, fn, cache_arg):
+    import tensorflow as tf
+
+    return tf.function(fn, jit_compile=True, reduce_retracing=False)
+
+
+@contextlib.contextmanager
+def _frozen(model):
+    """Weights that do not require gradients, so tracing can record them (by reference)."""
+    import torch
+
+    params = [v.value for v in model.variables]
+    flags = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        with torch.no_grad():
+            yield
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+
+
+def _torch(model, fn, cache_arg, mode="trace"):
+    import torch
+
+    if mode == "eager":
+        def eager(*args):
+            with torch.no_grad():
+                return fn(*args)
+        return eager
+    if mode == "compile":
+        compiled = torch.compile(fn, dynamic=False)
+
+        def run(*args):
+            with torch.no_grad():
+                return compiled(*args)
+        return run
+    traced = {}
+
+    def _torch_arg(a):
+        if isinstance(a, (tuple, list)):
+            return tuple(_torch_arg(x) for x in a)
+        return a if isinstance(a, torch.Tensor) else torch.as_tensor(np.asarray(a))
+
+    def _shape_key(a):
+        return tuple(_shape_key(x) for x in a) if isinstance(a, tuple) else (tuple(a.shape), str(a.dtype))
+
+    def run(*args):
+        args = tuple(_torch_arg(a) for a in args)
+        key = tuple(_shape_key(a) for a in args)
+        if key not in traced:
+            def plain(*a):  # trace refuses a bound method of a module (Keras layers are torch modules)
+                return fn(*a)
+            with _frozen(model):
+                traced[key] = torch.jit.trace(plain, args, check_trace=False, strict=False)
+        with torch.no_grad():
+            return traced[key](*args)
+    return run
+
+
+def compile_step(model, fn, cache_arg: int, torch_mode: str = "trace"):
+    """`fn` compiled for the current backend (see the module docstring)."""
+    if NAME == "jax":
+        return _jax(model, fn, cache_arg)
+    if NAME == "tensorflow":
+        return _tensorflow(model, fn, cache_arg)
+    if NAME == "torch":
+        if torch_mode not in TORCH_MODES:
+            raise ValueError(f"torch_mode must be one of {TORCH_MODES}, got {torch_mode!r}")
+        return _torch(model, fn, cache_arg, torch_mode)
+    raise NotImplementedError(f"no compiled generation for backend {NAME!r}")

@@ -49,3 +49,7 @@ class ImageError(ZooError, ValueError):
 
 class BackendError(ZooError, RuntimeError):
     """No usable Keras backend is installed, or the chosen one cannot run this."""
+
+
+class GenerationError(ZooError, ValueError):
+    """A generation request is malformed: empty prompt, prompt too long, bad limits, unknown sampler."""

@@ -1,0 +1,214 @@
+"""The generation engine: a fixed set of slots sharing one compiled decode step.
+
+A request waits in a queue until a slot is free; at the next step boundary it is prefilled
+(prompts admitted together are batched, right-padded to a length bucket) and joins the running
+batch. Every step decodes one token for every busy slot; a request leaves when it meets a stop
+rule or is cancelled, and its slot is reused at once. Each slot attends only to its own cache
+row at its own positions, so a request's tokens do not depend on what else runs beside it.
+
+The engine is model-agnostic: it needs `model.compiled_steps()` (prefill and decode, see
+GemmaCausalLM), `model.backbone.empty_cache(rows, length)` and a tokenizer.
+"""
+
+import collections
+import itertools
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from zoo import backend
+from zoo.errors import GenerationError
+from zoo.generation.samplers import Sampler
+from zoo.generation.text import TextStream
+
+MIN_BUCKET = 16
+
+
+def bucket(n: int, cap: int | None = None) -> int:
+    """The power of two (at least 16) that holds n, at most cap."""
+    size = max(MIN_BUCKET, 1 << (max(n, 1) - 1).bit_length())
+    return min(size, cap) if cap else size
+
+
+_ids = itertools.count(1)
+
+
+@dataclass(eq=False)
+class Request:
+    """One prompt's generation, and its progress."""
+
+    prompt_ids: list[int]
+    max_new_tokens: int
+    sampler: Sampler = field(default_factory=Sampler)
+    stop_ids: frozenset[int] = frozenset()
+    stop: tuple[str, ...] = ()
+    id: int = field(default_factory=lambda: next(_ids))
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""  # the generated text so far, stop strings removed
+    finish_reason: str | None = None  # "stop", "length" or "cancelled"
+    created: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    slot: int | None = None
+    cancelled: bool = False
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def position(self) -> int:
+        """Position of the last token, the one the next decode step feeds."""
+        return len(self.prompt_ids) + len(self.tokens) - 1
+
+
+@dataclass
+class Event:
+    """What one step produced for one request: a token and the text it made certain."""
+
+    request: Request
+    token_id: int | None
+    text: str
+    finished: bool
+
+
+class GenerationEngine:
+    """Continuous batching over `rows` slots of up to `length` positions each.
+
+    Example:
+        >>> engine = GenerationEngine(lm, rows=4, length=256)  # doctest: +SKIP
+        >>> request = engine.submit(lm.tokenizer.encode("def "), max_new_tokens=8)  # doctest: +SKIP
+        >>> while not request.finished:  # doctest: +SKIP
+        ...     engine.step()
+    """
+
+    def __init__(self, model, rows: int, length: int):
+        self.model, self.rows, self.length = model, rows, length
+        self.tokenizer = model.tokenizer
+        self.prefill_step, self.decode_step = model.compiled_steps()
+        self.cache = model.backbone.empty_cache(rows, length)
+        self.slots: list[Request | None] = [None] * rows
+        self.waiting: collections.deque[Request] = collections.deque()
+        self._streams: dict[int, tuple[TextStream, np.random.Generator]] = {}
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ requests
+
+    def submit(self, prompt_ids, max_new_tokens: int, sampler: Sampler | None = None, stop_ids=(), stop=()) -> Request:
+        """Queues a request; it joins the batch at the next step with a free slot."""
+        prompt_ids = [int(i) for i in prompt_ids]
+        if not prompt_ids:
+            raise GenerationError("the prompt is empty; give at least one token")
+        if len(prompt_ids) >= self.length:
+            raise GenerationError(
+                f"the prompt has {len(prompt_ids)} tokens; this engine holds {self.length} positions "
+                f"(prompt and new tokens together)"
+            )
+        if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+            raise GenerationError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        request = Request(prompt_ids, max_new_tokens, sampler or Sampler(), frozenset(stop_ids), tuple(stop))
+        with self._lock:
+            self._streams[request.id] = (TextStream(self.tokenizer, request.stop), request.sampler.rng())
+            self.waiting.append(request)
+        return request
+
+    def cancel(self, request: Request) -> None:
+        """Stops a request; its slot is free for the next step."""
+        request.cancelled = True
+
+    @property
+    def busy(self) -> int:
+        return sum(r is not None for r in self.slots)
+
+    def idle(self) -> bool:
+        return not self.waiting and not self.busy
+
+    # ------------------------------------------------------------------ stepping
+
+    def step(self) -> list[Event]:
+        """Admits waiting requests into free slots, then decodes one token for every busy slot."""
+        events = self._drop_cancelled()
+        events += self._admit()
+        active = [r for r in self.slots if r is not None and not r.finished]
+        if active:
+            tokens = np.zeros((self.rows, 1), np.int32)
+            positions = np.zeros((self.rows,), np.int32)
+            for r in active:
+                tokens[r.slot, 0], positions[r.slot] = r.tokens[-1], r.position
+            logits, self.cache = self.decode_step(tokens, positions, self.cache)
+            logits = backend.to_numpy(logits)
+            events += [self._accept(r, logits[r.slot]) for r in active]
+        for i, r in enumerate(self.slots):
+            if r is not None and r.finished:
+                self.slots[i] = None
+                self._streams.pop(r.id, None)
+        return events
+
+    def _drop_cancelled(self) -> list[Event]:
+        events = []
+        with self._lock:
+            for r in [r for r in self.waiting if r.cancelled]:
+                self.waiting.remove(r)
+                r.finish_reason = "cancelled"
+                events.append(Event(r, None, "", True))
+        for i, r in enumerate(self.slots):
+            if r is not None and r.cancelled and not r.finished:
+                r.finish_reason = "cancelled"
+                self.slots[i] = None
+                self._streams.pop(r.id, None)
+                events.append(Event(r, None, "", True))
+        return events
+
+    def _admit(self) -> list[Event]:
+        free = [i for i, r in enumerate(self.slots) if r is None]
+        admitted = []
+        with self._lock:
+            while free and self.waiting:
+                r = self.waiting.popleft()
+                r.slot = free.pop(0)
+                self.slots[r.slot] = r
+                admitted.append(r)
+        events = []
+        by_bucket = collections.defaultdict(list)
+        for r in admitted:
+            by_bucket[bucket(len(r.prompt_ids), self.length)].append(r)
+        for width, group in sorted(by_bucket.items()):
+            batch = bucket(len(group), self.rows) if len(group) > 1 else 1
+            padded = group + [group[0]] * (batch - len(group))  # repeats write the same rows again
+            tokens = np.zeros((batch, width), np.int32)
+            for row, r in enumerate(padded):
+                tokens[row, : len(r.prompt_ids)] = r.prompt_ids
+            lengths = np.array([len(r.prompt_ids) for r in padded], np.int32)
+            slots = np.array([r.slot for r in padded], np.int32)
+            logits, self.cache = self.prefill_step(tokens, lengths, slots, self.cache)
+            logits = backend.to_numpy(logits)
+            events += [self._accept(r, logits[row]) for row, r in enumerate(group)]
+        return events
+
+    def _accept(self, r: Request, logits: np.ndarray) -> Event:
+        """Samples the request's next token and applies the stop rules."""
+        stream, rng = self._streams[r.id]
+        token = r.sampler.choose(logits, rng)
+        if r.first_token_at is None:
+            r.first_token_at = time.perf_counter()
+        r.tokens.append(token)
+        if token in r.stop_ids:
+            r.finish_reason = "stop"
+            text = stream.finish()
+            r.text = stream.text
+            return Event(r, token, text, True)
+        text = stream.push(token)
+        if stream.stopped:
+            r.finish_reason = "stop"
+        elif len(r.tokens) >= r.max_new_tokens or len(r.prompt_ids) + len(r.tokens) >= self.length:
+            r.finish_reason = "length"
+        if r.finished:
+            text += stream.finish()
+        r.text = stream.text
+        return Event(r, token, text, r.finished)
+
+    def run(self, requests: list[Request]):
+        """Steps until every request is finished, yielding each step's events."""
+        while not all(r.finished for r in requests):
+            yield from self.step()

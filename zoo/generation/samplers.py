@@ -1,0 +1,99 @@
+"""Samplers: pick the next token from one sequence's logits, on the host, with a per-request RNG.
+
+Sampling runs outside the compiled step, so its parameters change per request without
+recompiling, and a request's draws depend only on its own seed, never on which other requests
+share the batch.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from zoo.errors import GenerationError
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """Temperature, top-k and top-p (nucleus) sampling; temperature 0 is greedy.
+
+    Args:
+        temperature: divides the logits; 0 picks the most likely token.
+        top_k: keep only the k most likely tokens (0: all).
+        top_p: keep the smallest set of tokens whose probability reaches p (1: all).
+        seed: seeds this request's generator; None draws fresh entropy.
+    """
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self):
+        if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0):
+            raise GenerationError(f"temperature must be >= 0, got {self.temperature!r}")
+        if not (isinstance(self.top_k, int) and self.top_k >= 0):
+            raise GenerationError(f"top_k must be an int >= 0, got {self.top_k!r}")
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise GenerationError(f"top_p must be in (0, 1], got {self.top_p!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def rng(self) -> np.random.Generator:
+        return np.random.default_rng(self.seed)
+
+    def choose(self, logits: np.ndarray, rng: np.random.Generator) -> int:
+        """One token id from logits (vocab,)."""
+        if self.greedy:
+            return int(np.argmax(logits))  # the first maximum, as torch.argmax
+        scores = logits.astype(np.float64) / self.temperature
+        candidates = np.arange(scores.shape[-1])
+        if self.top_k and self.top_k < scores.shape[-1]:
+            candidates = np.argpartition(-scores, self.top_k - 1)[: self.top_k]
+        order = candidates[np.argsort(-scores[candidates], kind="stable")]  # most likely first
+        probs = np.exp(scores[order] - scores[order[0]])
+        probs /= probs.sum()
+        if self.top_p < 1.0:
+            # Keep tokens until the cumulative probability reaches top_p (the crossing token included).
+            keep = int(np.searchsorted(np.cumsum(probs), self.top_p) + 1)
+            order, probs = order[:keep], probs[:keep] / probs[:keep].sum()
+        index = int(np.searchsorted(np.cumsum(probs), rng.random() * probs.sum(), side="right"))
+        return int(order[min(index, len(order) - 1)])
+
+
+def GreedySampler() -> Sampler:  # noqa: N802  (named like keras-hub's sampler classes)
+    return Sampler()
+
+
+def RandomSampler(temperature: float = 1.0, seed: int | None = None) -> Sampler:  # noqa: N802
+    return Sampler(temperature=temperature, seed=seed)
+
+
+def TopKSampler(k: int = 5, temperature: float = 1.0, seed: int | None = None) -> Sampler:  # noqa: N802
+    return Sampler(temperature=temperature, top_k=k, seed=seed)
+
+
+def TopPSampler(p: float = 0.9, temperature: float = 1.0, k: int = 0, seed: int | None = None) -> Sampler:  # noqa: N802
+    return Sampler(temperature=temperature, top_k=k, top_p=p, seed=seed)
+
+
+NAMED = {"greedy": GreedySampler, "random": RandomSampler, "temperature": RandomSampler, "top_k": TopKSampler,
+         "top_p": TopPSampler}
+
+
+def get(sampler: "str | Sampler | None", **overrides) -> Sampler:
+    """A Sampler from a name ("greedy", "top_k", "top_p", "random"), an instance, or None (greedy)."""
+    if sampler is None:
+        sampler = Sampler()
+    elif isinstance(sampler, str):
+        if sampler not in NAMED:
+            raise GenerationError(f"unknown sampler {sampler!r}; expected one of {sorted(NAMED)} or a Sampler")
+        sampler = NAMED[sampler]()
+    elif not isinstance(sampler, Sampler):
+        raise GenerationError(f"sampler must be a name or a zoo.generation.Sampler, got {type(sampler).__name__}")
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if overrides:
+        fields = {**sampler.__dict__, **overrides}
+        sampler = Sampler(**fields)
+    return sampler

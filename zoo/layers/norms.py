@@ -1,0 +1,29 @@
+"""RMS normalisation as Gemma does it: in float32, scaled by (1 + w)."""
+
+import keras
+from keras import ops
+
+from zoo.layers import init
+
+
+class RMSNorm(keras.layers.Layer):
+    """x / rms(x) * (1 + weight), computed in float32 and cast back, as the Gemma reference does.
+
+    The weight is stored as the offset from one (zeros initialise it to the identity), which is
+    how Gemma checkpoints store it.
+    """
+
+    def __init__(self, epsilon: float = 1e-6, **kwargs):
+        super().__init__(**kwargs)
+        self.epsilon = epsilon
+
+    def build(self, input_shape):
+        self.weight = self.add_weight(shape=(input_shape[-1],), initializer=init.zeros(), name="weight")
+
+    def call(self, x):
+        x32 = ops.cast(x, "float32")
+        normed = x32 * ops.rsqrt(ops.mean(ops.square(x32), axis=-1, keepdims=True) + self.epsilon)
+        return ops.cast(normed * (1.0 + ops.cast(self.weight, "float32")), x.dtype)  # (1 + w), in float32
+
+    def get_config(self):
+        return {**super().get_config(), "epsilon": self.epsilon}

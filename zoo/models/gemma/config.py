@@ -1,0 +1,250 @@
+"""GemmaConfig: one config for Gemma 1 (`gemma`), Gemma 2 (`gemma2`) and Gemma 3 text (`gemma3_text`).
+
+Both spellings of config.json are read: the Hub's (older transformers: `torch_dtype`,
+`rope_theta`, `rope_local_base_freq`, `rope_scaling`, `sliding_window_pattern`) and
+transformers 5's (`dtype`, `rope_parameters`, `layer_types`). A field whose value the model
+cannot honour raises ConfigError instead of being ignored.
+"""
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from zoo.errors import ConfigError
+from zoo.layers import activations
+
+FULL, SLIDING = "full_attention", "sliding_attention"
+MODEL_TYPES = ("gemma", "gemma2", "gemma3_text")
+ROPE_TYPES = ("default", "linear")
+# Fields that do not change inference maths, written back unchanged.
+PASSTHROUGH = ("initializer_range", "use_cache", "architectures", "attention_dropout", "max_window_layers",
+               "transformers_version", "cache_implementation")
+
+
+@dataclass(frozen=True)
+class Rope:
+    """Rotary embedding of one layer type: base wavelength, and linear position scaling (1 = none)."""
+
+    theta: float
+    factor: float = 1.0
+
+
+@dataclass(frozen=True)
+class GemmaConfig:
+    """A Gemma decoder's architecture.
+
+    Example:
+        >>> cfg = GemmaConfig(model_type="gemma2", vocab_size=100, hidden_size=32, intermediate_size=64,
+        ...                   num_layers=4, num_heads=4, num_kv_heads=1, head_dim=16, sliding_window=8)
+        >>> cfg.layer_types
+        ('sliding_attention', 'full_attention', 'sliding_attention', 'full_attention')
+    """
+
+    model_type: str = "gemma"
+    vocab_size: int = 256000
+    hidden_size: int = 2048
+    intermediate_size: int = 16384
+    num_layers: int = 18
+    num_heads: int = 8
+    num_kv_heads: int = 1
+    head_dim: int = 256
+    hidden_act: str = "gelu_pytorch_tanh"
+    max_position_embeddings: int = 8192
+    rms_norm_eps: float = 1e-6
+    rope: dict[str, Rope] = field(default_factory=lambda: {FULL: Rope(10000.0), SLIDING: Rope(10000.0)})
+    attention_bias: bool = False
+    query_pre_attn_scalar: float | None = None  # None: head_dim
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] | None = None  # None: derived from model_type
+    tie_word_embeddings: bool = True
+    bos_token_id: int | None = 2
+    eos_token_id: tuple[int, ...] = (1,)
+    pad_token_id: int | None = 0
+    dtype: str = "float32"
+    extras: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self):
+        if self.model_type not in MODEL_TYPES:
+            raise ConfigError(f"model_type: expected one of {MODEL_TYPES}, got {self.model_type!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"num_attention_heads {self.num_heads} is not a multiple of num_key_value_heads {self.num_kv_heads}")
+        activations.get(self.hidden_act)
+        types = self.layer_types if self.layer_types is not None else self._default_layer_types()
+        if len(types) != self.num_layers or set(types) - {FULL, SLIDING}:
+            raise ConfigError(f"layer_types: expected {self.num_layers} of {FULL!r}/{SLIDING!r}, got {list(types)}")
+        if SLIDING in types and not self.sliding_window:
+            raise ConfigError("layer_types has sliding_attention layers but sliding_window is not set")
+        object.__setattr__(self, "layer_types", tuple(types))
+
+    def _default_layer_types(self) -> tuple[str, ...]:
+        if self.model_type == "gemma" or not self.sliding_window:
+            return (FULL,) * self.num_layers
+        every = 6 if self.model_type == "gemma3_text" else 2  # Gemma 3: 5 local then 1 global
+        return tuple(SLIDING if (i + 1) % every else FULL for i in range(self.num_layers))
+
+    @property
+    def num_groups(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def attention_scale(self) -> float:
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+    @property
+    def sandwich_norms(self) -> bool:
+        """Gemma 2 and 3 normalise after attention and around the MLP as well."""
+        return self.model_type != "gemma"
+
+    @property
+    def qk_norm(self) -> bool:
+        return self.model_type == "gemma3_text"
+
+    def replace(self, **changes) -> "GemmaConfig":
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------ Hugging Face
+
+    @classmethod
+    def from_hf(cls, raw: dict) -> "GemmaConfig":
+        where = "config.json"
+        model_type = raw.get("model_type")
+        if model_type not in MODEL_TYPES:
+            raise ConfigError(f"{where}: expected model_type in {MODEL_TYPES}, got {model_type!r}")
+        if raw.get("use_bidirectional_attention"):
+            raise ConfigError(f"{where}: use_bidirectional_attention=true is not supported (keras-zoo's Gemma is causal)")
+        get = _Fields(raw, where)
+        hidden, heads = get.int("hidden_size"), get.int("num_attention_heads")
+        layers = get.int("num_hidden_layers")
+        eos = raw.get("eos_token_id", 1)
+        act = raw.get("hidden_activation") or raw.get("hidden_act") or "gelu_pytorch_tanh"
+        if model_type == "gemma" and act == "gelu":  # as transformers: the official releases meant the tanh form
+            act = "gelu_pytorch_tanh"
+        sliding = raw.get("sliding_window") if model_type != "gemma" else None
+        layer_types = raw.get("layer_types")
+        if layer_types is None and model_type == "gemma3_text" and sliding:
+            every = raw.get("sliding_window_pattern", 6)
+            layer_types = [SLIDING if (i + 1) % every else FULL for i in range(layers)]
+        dtype = raw.get("dtype", raw.get("torch_dtype")) or "float32"
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"{where}: dtype {dtype!r} is not one of float32, bfloat16, float16")
+        return cls(
+            model_type=model_type,
+            vocab_size=get.int("vocab_size"),
+            hidden_size=hidden,
+            intermediate_size=get.int("intermediate_size"),
+            num_layers=layers,
+            num_heads=heads,
+            num_kv_heads=raw.get("num_key_value_heads") or heads,
+            head_dim=raw.get("head_dim") or hidden // heads,
+            hidden_act=act,
+            max_position_embeddings=raw.get("max_position_embeddings", 8192),
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            rope=_read_rope(raw, model_type, where),
+            attention_bias=bool(raw.get("attention_bias", False)),
+            query_pre_attn_scalar=raw.get("query_pre_attn_scalar") if model_type != "gemma" else None,
+            attn_logit_softcapping=raw.get("attn_logit_softcapping") if model_type != "gemma" else None,
+            final_logit_softcapping=raw.get("final_logit_softcapping") if model_type != "gemma" else None,
+            sliding_window=sliding,
+            layer_types=tuple(layer_types) if layer_types is not None else None,
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", True)),
+            bos_token_id=raw.get("bos_token_id", 2),
+            eos_token_id=tuple(eos) if isinstance(eos, list) else (eos,) if eos is not None else (),
+            pad_token_id=raw.get("pad_token_id", 0),
+            dtype=dtype,
+            extras={
+                **{k: raw[k] for k in PASSTHROUGH if k in raw},
+                "spelling": "v5" if "rope_parameters" in raw or "dtype" in raw else "hub",
+                "act_key": "hidden_activation" if "hidden_activation" in raw else "hidden_act",
+            },
+        )
+
+    def to_hf(self) -> dict:
+        v5 = self.extras.get("spelling") == "v5"
+        out = {
+            "architectures": self.extras.get("architectures", [_ARCHITECTURES[self.model_type]]),
+            "model_type": self.model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            self.extras.get("act_key", "hidden_act"): self.hidden_act,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "attention_bias": self.attention_bias,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": list(self.eos_token_id) if len(self.eos_token_id) != 1 else self.eos_token_id[0],
+            "pad_token_id": self.pad_token_id,
+            "dtype" if v5 else "torch_dtype": self.dtype,
+        }
+        if self.model_type != "gemma":
+            out.update(query_pre_attn_scalar=self.query_pre_attn_scalar, sliding_window=self.sliding_window,
+                       attn_logit_softcapping=self.attn_logit_softcapping,
+                       final_logit_softcapping=self.final_logit_softcapping, layer_types=list(self.layer_types))
+        out.update(_write_rope(self.rope, self.model_type, v5))
+        out.update({k: v for k, v in self.extras.items() if k in PASSTHROUGH and k != "architectures"})
+        return out
+
+    def to_source(self) -> dict:
+        return self.to_hf()
+
+
+_ARCHITECTURES = {"gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
+
+
+class _Fields:
+    def __init__(self, raw: dict, where: str):
+        self.raw, self.where = raw, where
+
+    def int(self, key: str) -> int:
+        value = self.raw.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(f"{self.where}: field {key!r} should be a positive int, got {value!r}")
+        return value
+
+
+def _rope_from(params: dict, default_theta: float, where: str) -> Rope:
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind not in ROPE_TYPES:
+        raise ConfigError(f"{where}: rope_type {kind!r} is not supported; keras-zoo implements {ROPE_TYPES}")
+    factor = float(params.get("factor", 1.0)) if kind == "linear" else 1.0
+    return Rope(float(params.get("rope_theta", default_theta)), factor)
+
+
+def _read_rope(raw: dict, model_type: str, where: str) -> dict[str, Rope]:
+    params = raw.get("rope_parameters")
+    if model_type == "gemma3_text":
+        if isinstance(params, dict) and FULL in params:  # transformers 5: one entry per layer type
+            return {FULL: _rope_from(params[FULL], 1e6, where), SLIDING: _rope_from(params.get(SLIDING, {}), 1e4, where)}
+        full = dict(raw.get("rope_scaling") or {}, rope_theta=raw.get("rope_theta", 1e6))
+        return {FULL: _rope_from(full, 1e6, where),
+                SLIDING: _rope_from({"rope_theta": raw.get("rope_local_base_freq", 1e4)}, 1e4, where)}
+    if isinstance(params, dict):
+        rope = _rope_from(params, 1e4, where)
+    else:
+        rope = _rope_from(dict(raw.get("rope_scaling") or {}, rope_theta=raw.get("rope_theta", 1e4)), 1e4, where)
+    return {FULL: rope, SLIDING: rope}
+
+
+def _rope_dict(rope: Rope) -> dict:
+    if rope.factor != 1.0:
+        return {"rope_type": "linear", "factor": rope.factor, "rope_theta": rope.theta}
+    return {"rope_type": "default", "rope_theta": rope.theta}
+
+
+def _write_rope(rope: dict[str, Rope], model_type: str, v5: bool) -> dict:
+    if v5:
+        if model_type == "gemma3_text":
+            return {"rope_parameters": {FULL: _rope_dict(rope[FULL]), SLIDING: _rope_dict(rope[SLIDING])}}
+        return {"rope_parameters": _rope_dict(rope[FULL])}
+    out = {"rope_theta": rope[FULL].theta}
+    if rope[FULL].factor != 1.0:
+        out["rope_scaling"] = {"rope_type": "linear", "factor": rope[FULL].factor}
+    if model_type == "gemma3_text":
+        out["rope_local_base_freq"] = rope[SLIDING].theta
+    return out

@@ -1,0 +1,131 @@
+"""Gemma's attention, MLP and decoder block, in keras.ops.
+
+Shapes: b batch, t query positions, s key positions, d model width, n query heads, k KV heads,
+g heads per KV head, h head width, f MLP width.
+"""
+
+import keras
+import numpy as np
+from keras import ops
+
+from zoo import backend
+from zoo.layers import activations, rotary
+from zoo.layers.dense import einsum_dense
+from zoo.layers.norms import RMSNorm
+from zoo.models.gemma.config import GemmaConfig
+
+MASKED = float(np.finfo(np.float32).min)  # a finite "minus infinity", as the reference's masks use
+
+
+class GemmaAttention(keras.layers.Layer):
+    """Grouped-query attention with rotary positions, optional q/k norms, soft-capping and a KV cache."""
+
+    def __init__(self, config: GemmaConfig, **kwargs):
+        super().__init__(**kwargs)
+        self.config = config
+        c, dt = config, self.dtype_policy
+        bias = c.attention_bias
+        self.q_proj = einsum_dense("btd,nhd->btnh", (None, c.num_heads, c.head_dim), "nh" if bias else None, "q_proj", dt)
+        self.k_proj = einsum_dense("btd,khd->btkh", (None, c.num_kv_heads, c.head_dim), "kh" if bias else None, "k_proj", dt)
+        self.v_proj = einsum_dense("btd,khd->btkh", (None, c.num_kv_heads, c.head_dim), "kh" if bias else None, "v_proj", dt)
+        self.o_proj = einsum_dense("btnh,dnh->btd", (None, c.hidden_size), "d" if bias else None, "o_proj", dt)
+        self.q_norm = RMSNorm(c.rms_norm_eps, name="q_norm", dtype=dt) if c.qk_norm else None
+        self.k_norm = RMSNorm(c.rms_norm_eps, name="k_norm", dtype=dt) if c.qk_norm else None
+
+    def build(self, input_shape):
+        c = self.config
+        for layer in (self.q_proj, self.k_proj, self.v_proj):
+            layer.build(input_shape)
+        self.o_proj.build((*input_shape[:-1], c.num_heads, c.head_dim))
+        if c.qk_norm:
+            self.q_norm.build((None, None, c.num_heads, c.head_dim))
+            self.k_norm.build((None, None, c.num_kv_heads, c.head_dim))
+
+    def call(self, x, cos, sin, mask, cache=None, write_index=None, read_cache=False):
+        """x (b, t, d) -> (b, t, d), and the (keys, values) cache with this step's rows written.
+
+        With a cache, this step's keys and values are written at `write_index` (rows of
+        (slot, position)); `read_cache` attends over the whole cache (decoding) rather than
+        over this step's own keys (prefilling).
+        """
+        q = self.q_proj(x)  # (b, t, n, h)
+        k = self.k_proj(x)  # (b, t, k, h)
+        v = self.v_proj(x)  # (b, t, k, h)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rotary.apply(q, cos, sin), rotary.apply(k, cos, sin)
+        if cache is not None:
+            keys, values = cache
+            flat = (-1, self.config.num_kv_heads, self.config.head_dim)
+            keys = backend.write_rows(keys, write_index, ops.reshape(k, flat))  # (B, S, k, h)
+            values = backend.write_rows(values, write_index, ops.reshape(v, flat))
+            cache = (keys, values)
+            if read_cache:
+                k, v = keys, values
+        return self.o_proj(self._attend(q, k, v, mask)), cache
+
+    def _attend(self, q, k, v, mask):
+        c = self.config
+        b, t = ops.shape(q)[0], ops.shape(q)[1]
+        q = ops.reshape(q, (b, t, c.num_kv_heads, c.num_groups, c.head_dim))  # (b, t, k, g, h)
+        scores = ops.einsum("btkgh,bskh->bkgts", q, k) * ops.cast(c.attention_scale, q.dtype)  # (b, k, g, t, s)
+        if c.attn_logit_softcapping:
+            cap = ops.cast(c.attn_logit_softcapping, scores.dtype)
+            scores = ops.tanh(scores / cap) * cap
+        scores = ops.where(mask[:, None, None, :, :], ops.cast(scores, "float32"), MASKED)
+        probs = ops.cast(ops.softmax(scores, axis=-1), v.dtype)  # softmax in float32, as the reference
+        out = ops.einsum("bkgts,bskh->btkgh", probs, v)  # (b, t, k, g, h)
+        return ops.reshape(out, (b, t, c.num_heads, c.head_dim))
+
+
+class GemmaMLP(keras.layers.Layer):
+    """down(act(gate(x)) * up(x)), GeGLU with the config's activation (tanh-approximate GELU)."""
+
+    def __init__(self, config: GemmaConfig, **kwargs):
+        super().__init__(**kwargs)
+        dt = self.dtype_policy
+        f, d = config.intermediate_size, config.hidden_size
+        self.gate_proj = einsum_dense("...d,fd->...f", (f,), None, "gate_proj", dt)
+        self.up_proj = einsum_dense("...d,fd->...f", (f,), None, "up_proj", dt)
+        self.down_proj = einsum_dense("...f,df->...d", (d,), None, "down_proj", dt)
+        self.act = activations.get(config.hidden_act)
+        self.intermediate_size = f
+
+    def build(self, input_shape):
+        self.gate_proj.build(input_shape)
+        self.up_proj.build(input_shape)
+        self.down_proj.build((*input_shape[:-1], self.intermediate_size))
+
+    def call(self, x):
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))  # (b, t, d)
+
+
+class GemmaDecoderLayer(keras.layers.Layer):
+    """Pre-norm attention and MLP blocks; Gemma 2 and 3 also normalise their outputs ("sandwich")."""
+
+    def __init__(self, config: GemmaConfig, **kwargs):
+        super().__init__(**kwargs)
+        self.config = config
+        dt, eps = self.dtype_policy, config.rms_norm_eps
+        self.input_layernorm = RMSNorm(eps, name="input_layernorm", dtype=dt)
+        self.self_attn = GemmaAttention(config, name="self_attn", dtype=dt)
+        # In Gemma 1 this norm precedes the MLP; in Gemma 2 and 3 it follows attention.
+        self.post_attention_layernorm = RMSNorm(eps, name="post_attention_layernorm", dtype=dt)
+        self.pre_feedforward_layernorm = RMSNorm(eps, name="pre_feedforward_layernorm", dtype=dt) if config.sandwich_norms else None
+        self.post_feedforward_layernorm = RMSNorm(eps, name="post_feedforward_layernorm", dtype=dt) if config.sandwich_norms else None
+        self.mlp = GemmaMLP(config, name="mlp", dtype=dt)
+
+    def build(self, input_shape):
+        for layer in (self.input_layernorm, self.self_attn, self.post_attention_layernorm, self.mlp,
+                      self.pre_feedforward_layernorm, self.post_feedforward_layernorm):
+            if layer is not None:
+                layer.build(input_shape)
+
+    def call(self, x, cos, sin, mask, cache=None, write_index=None, read_cache=False):
+        h, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache=cache, write_index=write_index,
+                                  read_cache=read_cache)
+        if self.config.sandwich_norms:
+            x = x + self.post_attention_layernorm(h)
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x))), cache
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), cache

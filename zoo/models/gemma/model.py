@@ -1,0 +1,347 @@
+"""GemmaBackbone (token ids -> hidden states) and GemmaCausalLM (token ids -> logits; generate, stream).
+
+Three entry points share one stack of layers:
+- `call(token_ids, padding_mask)`: the whole sequence, no cache (parity, training, scoring);
+- `prefill(token_ids, lengths, slots, cache)`: right-padded prompts, their keys and values
+  written into cache rows `slots`;
+- `decode(token_ids, positions, cache)`: one new token per cache row, attending over the cache.
+The KV cache is a tuple (keys_0, values_0, keys_1, ...) of (rows, max_length, k, h) tensors that
+goes in and comes out of every call; no layer holds state.
+"""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import keras
+from keras import ops
+
+from zoo import backend
+from zoo.errors import ConfigError, GenerationError
+from zoo.generation import GenerationEngine, bucket, samplers
+from zoo.layers import init, rotary
+from zoo.layers.dense import einsum_dense
+from zoo.layers.norms import RMSNorm
+from zoo.models.base import PresetModel
+from zoo.models.gemma import checkpoint_map
+from zoo.models.gemma.config import FULL, SLIDING, GemmaConfig, Rope
+from zoo.models.gemma.layers import GemmaDecoderLayer
+from zoo.tokenizer import Tokenizer
+
+
+@keras.saving.register_keras_serializable(package="zoo")
+class GemmaBackbone(PresetModel):
+    """Gemma decoder: token ids (b, t) -> hidden states (b, t, d), final norm applied.
+
+    Example:
+        >>> cfg = GemmaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
+        ...                   num_heads=4, num_kv_heads=1, head_dim=8)
+        >>> GemmaBackbone(cfg)(np.array([[2, 5, 7]])).shape
+        (1, 3, 32)
+    """
+
+    family = "gemma"
+
+    def __init__(self, config: GemmaConfig, **kwargs):
+        kwargs.setdefault("name", "gemma_backbone")
+        super().__init__(**kwargs)
+        self.config = config
+        dt = self.dtype_policy
+        self.embed_tokens = keras.layers.Embedding(config.vocab_size, config.hidden_size,
+                                                   embeddings_initializer=init.normal(), name="embed_tokens", dtype=dt)
+        self.decoder_layers = [GemmaDecoderLayer(config, name=f"layers_{i}", dtype=dt) for i in range(config.num_layers)]
+        self.norm = RMSNorm(config.rms_norm_eps, name="norm", dtype=dt)
+        self.inv_freq = {kind: rotary.inverse_frequencies(config.head_dim, r.theta, r.factor)
+                         for kind, r in config.rope.items()}
+        self.build((None, None))
+
+    def build(self, input_shape):
+        self.embed_tokens.build(input_shape)
+        hidden = (None, None, self.config.hidden_size)
+        for layer in self.decoder_layers:
+            layer.build(hidden)
+        self.norm.build(hidden)
+        self.built = True
+
+    # ------------------------------------------------------------------ the three entry points
+
+    def call(self, token_ids, padding_mask=None):
+        token_ids = ops.convert_to_tensor(token_ids, "int32")
+        if padding_mask is None:
+            valid = ops.ones_like(token_ids, dtype="bool")
+        else:
+            valid = ops.cast(padding_mask, "bool")
+        # Positions count real tokens only, so left padding does not shift them.
+        positions = ops.maximum(ops.cumsum(ops.cast(valid, "int32"), axis=1) - 1, 0)  # (b, t)
+        masks = self._masks(positions[:, :, None], positions[:, None, :], valid[:, None, :])
+        x, _ = self._run_layers(self._embed(token_ids), positions, masks)
+        return x
+
+    def prefill(self, token_ids, slots, cache):
+        """Right-padded prompts (p, T) -> hidden (p, T, d), with their keys/values written into rows `slots`.
+
+        Pad tokens are written too, beyond each prompt's end; decoding overwrites them, and the
+        causal mask hides them until then.
+        """
+        token_ids = ops.convert_to_tensor(token_ids, "int32")
+        p, t = ops.shape(token_ids)[0], ops.shape(token_ids)[1]
+        positions = ops.broadcast_to(ops.arange(t, dtype="int32")[None, :], (p, t))  # (p, T)
+        masks = self._masks(positions[:, :, None], positions[:, None, :], None)
+        rows = ops.repeat(ops.convert_to_tensor(slots, "int32"), t)
+        write_index = ops.stack([rows, ops.reshape(positions, (-1,))], axis=1)  # (p*T, 2)
+        return self._run_layers(self._embed(token_ids), positions, masks, cache, write_index, read_cache=False)
+
+    def decode(self, token_ids, positions, cache):
+        """One token per cache row: token_ids (B, 1) at `positions` (B,) -> hidden (B, 1, d) and the cache."""
+        token_ids = ops.convert_to_tensor(token_ids, "int32")
+        positions = ops.convert_to_tensor(positions, "int32")
+        rows, length = ops.shape(cache[0])[0], ops.shape(cache[0])[1]
+        key_positions = ops.arange(length, dtype="int32")[None, None, :]  # (1, 1, S)
+        masks = self._masks(positions[:, None, None], key_positions, None)
+        write_index = ops.stack([ops.arange(rows, dtype="int32"), positions], axis=1)  # (B, 2)
+        return self._run_layers(self._embed(token_ids), positions[:, None], masks, cache, write_index, read_cache=True)
+
+    # ------------------------------------------------------------------ internals
+
+    def _embed(self, token_ids):
+        x = self.embed_tokens(token_ids)  # (b, t, d)
+        return x * ops.cast(self.config.hidden_size**0.5, x.dtype)  # the normaliser in the hidden dtype
+
+    def _masks(self, query_positions, key_positions, key_valid):
+        """Boolean (b, t, s) masks per layer type: causal, and within the window for sliding layers."""
+        causal = key_positions <= query_positions
+        if key_valid is not None:
+            causal = ops.logical_and(causal, key_valid)
+        masks = {FULL: causal}
+        if self.config.sliding_window:
+            window = key_positions > query_positions - self.config.sliding_window
+            masks[SLIDING] = ops.logical_and(causal, window)
+        return masks
+
+    def _run_layers(self, x, positions, masks, cache=None, write_index=None, read_cache=False):
+        rope = {kind: rotary.cos_sin(positions, inv) for kind, inv in self.inv_freq.items()}
+        new_cache = []
+        for i, (layer, kind) in enumerate(zip(self.decoder_layers, self.config.layer_types)):
+            layer_cache = None if cache is None else (cache[2 * i], cache[2 * i + 1])
+            x, layer_cache = layer(x, *rope[kind], masks[kind], cache=layer_cache, write_index=write_index,
+                                   read_cache=read_cache)
+            if cache is not None:
+                new_cache.extend(layer_cache)
+        return self.norm(x), (tuple(new_cache) if cache is not None else None)
+
+    def empty_cache(self, rows: int, length: int) -> tuple:
+        """A zeroed KV cache of `rows` sequences of up to `length` positions."""
+        c = self.config
+        shape = (rows, length, c.num_kv_heads, c.head_dim)
+        return tuple(ops.zeros(shape, dtype=self.compute_dtype) for _ in range(2 * c.num_layers))
+
+    def key_map(self, config: GemmaConfig) -> list:
+        return checkpoint_map.rows(config, target_prefix="", head=False)
+
+    def get_config(self):
+        return {"config": _config_to_dict(self.config), "name": self.name, "dtype": self.dtype_policy.name}
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        return cls(_config_from_dict(config.pop("config")), **config)
+
+
+def _config_to_dict(config: GemmaConfig) -> dict:
+    d = dataclasses.asdict(config)
+    d["rope"] = {k: dataclasses.asdict(v) for k, v in config.rope.items()}
+    return d
+
+
+def _config_from_dict(d: dict) -> GemmaConfig:
+    d = dict(d)
+    d["rope"] = {k: Rope(**v) for k, v in d["rope"].items()}
+    return GemmaConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+@keras.saving.register_keras_serializable(package="zoo")
+class GemmaCausalLM(PresetModel):
+    """A Gemma decoder with its language-model head: token ids (b, t) -> logits (b, t, vocab).
+
+    Generation: `generate(prompt_or_prompts, max_new_tokens=..., sampler=..., stop=...)` returns
+    text; `stream(prompt, ...)` yields text pieces as tokens are made. Prompts in one call are
+    batched (continuous batching over up to `max_batch` slots); each gets the tokens it would
+    get alone.
+
+    Example:
+        >>> lm = GemmaCausalLM.from_preset("gemma_tiny_pycode")  # doctest: +SKIP
+        >>> lm.generate("def fibonacci(n):", max_new_tokens=32)  # doctest: +SKIP
+    """
+
+    family = "gemma"
+
+    def __init__(self, config: GemmaConfig, tokenizer=None, stop_token_ids=None, **kwargs):
+        kwargs.setdefault("name", "gemma_causal_lm")
+        super().__init__(**kwargs)
+        self.config = config
+        self.backbone = GemmaBackbone(config, name="backbone", dtype=self.dtype_policy)
+        self.lm_head = None
+        if not config.tie_word_embeddings:
+            self.lm_head = einsum_dense("...d,vd->...v", (config.vocab_size,), None, "lm_head", self.dtype_policy)
+            self.lm_head.build((None, None, config.hidden_size))
+        self.tokenizer = tokenizer
+        self.stop_token_ids = frozenset(stop_token_ids if stop_token_ids is not None else config.eos_token_id)
+        self._steps = None
+        self._engines = {}
+        self.built = True
+
+    def call(self, token_ids, padding_mask=None):
+        return self.logits(self.backbone(token_ids, padding_mask))
+
+    def logits(self, hidden):
+        """Hidden states (..., d) -> logits (..., vocab), soft-capped if the config says so."""
+        if self.lm_head is not None:
+            logits = self.lm_head(hidden)
+        else:
+            embeddings = ops.cast(self.backbone.embed_tokens.embeddings, hidden.dtype)
+            logits = ops.einsum("...d,vd->...v", hidden, embeddings)  # tied to the embedding
+        if self.config.final_logit_softcapping:
+            cap = ops.cast(self.config.final_logit_softcapping, logits.dtype)
+            logits = ops.tanh(logits / cap) * cap
+        return logits
+
+    # ------------------------------------------------------------------ the engine's two steps
+
+    def prefill_step(self, token_ids, lengths, slots, cache):
+        """Right-padded prompts -> float32 logits at each prompt's last token (p, vocab), and the cache."""
+        hidden, cache = self.backbone.prefill(token_ids, slots, cache)
+        last = ops.convert_to_tensor(lengths, "int32") - 1
+        hidden = ops.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]  # (p, d)
+        return ops.cast(self.logits(hidden), "float32"), cache
+
+    def decode_step(self, token_ids, positions, cache):
+        """One token per cache row -> float32 logits (rows, vocab), and the cache."""
+        hidden, cache = self.backbone.decode(token_ids, positions, cache)
+        return ops.cast(self.logits(hidden[:, 0]), "float32"), cache
+
+    def compiled_steps(self, torch_mode: str = "trace"):
+        """(prefill, decode), compiled once for this backend and shared by every engine."""
+        if self._steps is None or self._steps[0] != torch_mode:
+            self._steps = (torch_mode,
+                           backend.compile_step(self, self.prefill_step, cache_arg=3, torch_mode=torch_mode),
+                           backend.compile_step(self, self.decode_step, cache_arg=2, torch_mode=torch_mode))
+        return self._steps[1], self._steps[2]
+
+    # ------------------------------------------------------------------ generation
+
+    def engine(self, rows: int, length: int):
+        """A GenerationEngine over `rows` slots of `length` positions (reused while its shape is asked for)."""
+        if self.tokenizer is None:
+            raise ConfigError("this model has no tokenizer; load a preset with tokenizer.json or tokenizer.model")
+        key = (rows, length)
+        if key not in self._engines:
+            if len(self._engines) >= 4:
+                self._engines.pop(next(iter(self._engines)))
+            self._engines[key] = GenerationEngine(self, rows, length)
+        return self._engines[key]
+
+    def _requests(self, prompts, max_new_tokens, sampler, stop, max_batch, chat, sampler_overrides):
+        if self.tokenizer is None:
+            raise ConfigError("this model has no tokenizer; load a preset with tokenizer.json or tokenizer.model")
+        if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+            raise GenerationError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        chosen = samplers.get(sampler, **sampler_overrides)
+        stop_strings = [s for s in (stop or ()) if isinstance(s, str)]
+        stop_ids = self.stop_token_ids | {s for s in (stop or ()) if isinstance(s, int)}
+        prompt_ids = [self._encode(p, chat) for p in prompts]
+        longest = max(len(ids) for ids in prompt_ids)
+        limit = self.config.max_position_embeddings
+        if longest >= limit:
+            raise GenerationError(f"the prompt has {longest} tokens; the model's maximum is {limit} positions")
+        rows = bucket(len(prompts), max_batch) if len(prompts) > 1 else 1
+        engine = self.engine(rows, bucket(longest + max_new_tokens, limit))
+        return engine, [engine.submit(ids, max_new_tokens, chosen, stop_ids, stop_strings) for ids in prompt_ids]
+
+    def _encode(self, prompt, chat: bool) -> list[int]:
+        if not isinstance(prompt, str):
+            raise GenerationError(f"a prompt must be a string, got {type(prompt).__name__}")
+        if not prompt:
+            raise GenerationError("the prompt is empty; give some text to continue")
+        if chat:
+            return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True)
+        return self.tokenizer.encode(prompt)
+
+    def generate(self, prompt, max_new_tokens: int = 64, sampler="greedy", stop=None, *, temperature=None,
+                 top_k=None, top_p=None, seed=None, max_batch: int = 8, chat: bool = False):
+        """Generated text for a prompt, or a list of texts for a list of prompts.
+
+        Args:
+            prompt: a string or a list of strings (batched together).
+            max_new_tokens: the most tokens to generate per prompt.
+            sampler: "greedy", "top_k", "top_p", "random", or a `zoo.generation.Sampler`.
+            stop: stop strings and/or stop token ids, besides the model's end-of-sequence tokens.
+            temperature, top_k, top_p, seed: override the sampler's settings.
+            max_batch: the most prompts decoded together.
+            chat: wrap each prompt as a user turn with the tokenizer's chat template.
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+                raise GenerationError("no prompts given")
+        engine, requests = self._requests(prompts, max_new_tokens, sampler, stop, max_batch, chat,
+                                          dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed))
+        for _ in engine.run(requests):
+            pass
+        texts = [r.text for r in requests]
+        return texts[0] if isinstance(prompt, str) else texts
+
+    def stream(self, prompt: str, max_new_tokens: int = 64, sampler="greedy", stop=None, *, temperature=None,
+               top_k=None, top_p=None, seed=None, chat: bool = False):
+        """Yields text pieces as tokens are made; the pieces join to what `generate` returns."""
+        engine, (request,) = self._requests([prompt], max_new_tokens, sampler, stop, 1, chat,
+                                            dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed))
+        try:
+            for event in engine.run([request]):
+                if event.text:
+                    yield event.text
+        finally:
+            if not request.finished:
+                engine.cancel(request)
+                engine.step()
+
+    # ------------------------------------------------------------------ presets
+
+    def key_map(self, config: GemmaConfig) -> list:
+        return checkpoint_map.rows(config, target_prefix="backbone/", head=True)
+
+    @classmethod
+    def _from_folder(cls, config, folder: Path, dtype: str, **kwargs):
+        tokenizer = None
+        if (folder / "tokenizer.json").is_file() or (folder / "tokenizer.model").is_file():
+            tokenizer = Tokenizer.from_folder(folder)
+            if tokenizer.vocab_size > config.vocab_size:
+                raise ConfigError(
+                    f"{folder}: the tokenizer has {tokenizer.vocab_size} tokens but config.json's vocab_size is "
+                    f"{config.vocab_size}; the tokenizer files do not belong to this checkpoint"
+                )
+        stop = set(config.eos_token_id)
+        generation_config = folder / "generation_config.json"
+        if generation_config.is_file():
+            try:
+                eos = json.loads(generation_config.read_text()).get("eos_token_id")
+            except ValueError as e:
+                raise ConfigError(f"{generation_config}: not valid JSON: {e}") from e
+            stop |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if tokenizer is not None and tokenizer.eos_token_id is not None:
+            stop.add(tokenizer.eos_token_id)
+        return cls(config, tokenizer=tokenizer, stop_token_ids=stop, dtype=dtype, **kwargs)
+
+    def _save_extras(self, folder: Path):
+        if self.tokenizer is not None:
+            self.tokenizer.save(folder)
+        generation = {"bos_token_id": self.config.bos_token_id, "eos_token_id": sorted(self.stop_token_ids),
+                      "pad_token_id": self.config.pad_token_id}
+        (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+
+    def get_config(self):
+        return {"config": _config_to_dict(self.config), "stop_token_ids": sorted(self.stop_token_ids),
+                "name": self.name, "dtype": self.dtype_policy.name}
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        return cls(_config_from_dict(config.pop("config")), **config)

@@ -1,0 +1,189 @@
+"""Text <-> token ids for a checkpoint folder, and its chat template.
+
+`tokenizer.json` is read with Hugging Face `tokenizers`; a folder with only `tokenizer.model` is
+read with `sentencepiece`. Special tokens come from `tokenizer_config.json` (and
+`special_tokens_map.json`). The chat template comes from `chat_template.jinja` (transformers 5)
+or `tokenizer_config.json` (older), and is rendered the way transformers renders it: a
+sandboxed Jinja environment with trim_blocks/lstrip_blocks, loop controls, `raise_exception`,
+`strftime_now` and a non-escaping `tojson`, given the special tokens as variables.
+"""
+
+import datetime
+import json
+import shutil
+from functools import cached_property
+from pathlib import Path
+
+from zoo.errors import ConfigError, PresetNotFoundError
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja", "added_tokens.json")
+SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
+
+
+def _content(token) -> str | None:
+    return token.get("content") if isinstance(token, dict) else token
+
+
+class Tokenizer:
+    """A checkpoint's tokenizer.
+
+    Example:
+        >>> tok = Tokenizer.from_folder("path/to/gemma")  # doctest: +SKIP
+        >>> tok.decode(tok.encode("def f(x):"))  # doctest: +SKIP
+        'def f(x):'
+    """
+
+    def __init__(self, folder: Path, config: dict, chat_template: str | dict | None):
+        self.folder = folder
+        self.config = config
+        self.chat_template = chat_template
+        self.special_tokens = {name: _content(config.get(name)) for name in SPECIAL_NAMES if config.get(name)}
+        if (folder / "tokenizer.json").is_file():
+            from tokenizers import Tokenizer as HFTokenizer
+
+            try:
+                self._hf = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+            except Exception as e:  # tokenizers raises a bare Exception on malformed files
+                raise ConfigError(f"{folder / 'tokenizer.json'}: cannot be read by the tokenizers library: {e}") from e
+            self._sp = None
+        else:
+            import sentencepiece
+
+            self._hf = None
+            self._sp = sentencepiece.SentencePieceProcessor()
+            try:
+                self._sp.Load(str(folder / "tokenizer.model"))
+            except (OSError, RuntimeError) as e:
+                raise ConfigError(f"{folder / 'tokenizer.model'}: cannot be read by sentencepiece: {e}") from e
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> "Tokenizer":
+        folder = Path(folder)
+        if not ((folder / "tokenizer.json").is_file() or (folder / "tokenizer.model").is_file()):
+            raise PresetNotFoundError(f"{folder}: no tokenizer.json or tokenizer.model")
+        config = {}
+        for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins
+            path = folder / name
+            if path.is_file():
+                try:
+                    config.update(json.loads(path.read_text()))
+                except ValueError as e:
+                    raise ConfigError(f"{path}: not valid JSON: {e}") from e
+        template = config.get("chat_template")
+        if (folder / "chat_template.jinja").is_file():
+            template = (folder / "chat_template.jinja").read_text()
+        if isinstance(template, list):  # [{"name": ..., "template": ...}, ...]
+            template = {t["name"]: t["template"] for t in template}
+        return cls(folder, config, template)
+
+    # ------------------------------------------------------------------ vocabulary
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids, added tokens included."""
+        return self._hf.get_vocab_size(with_added_tokens=True) if self._hf else self._sp.GetPieceSize()
+
+    def token_to_id(self, token: str) -> int | None:
+        if self._hf:
+            return self._hf.token_to_id(token)
+        piece = self._sp.PieceToId(token)
+        return piece if self._sp.IdToPiece(piece) == token else None
+
+    def _special_id(self, name: str) -> int | None:
+        token = self.special_tokens.get(name)
+        return self.token_to_id(token) if token else None
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self._special_id("bos_token") if self._hf else (self._sp.bos_id() if self._sp.bos_id() >= 0 else None)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self._special_id("eos_token") if self._hf else (self._sp.eos_id() if self._sp.eos_id() >= 0 else None)
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self._special_id("pad_token")
+
+    @cached_property
+    def special_ids(self) -> frozenset[int]:
+        """Ids of every special or added-special token (skipped when decoding)."""
+        if self._hf:
+            added = self._hf.get_added_tokens_decoder()
+            return frozenset(i for i, t in added.items() if t.special)
+        return frozenset(i for i in range(self.vocab_size) if self._sp.IsControl(i) or self._sp.IsUnknown(i))
+
+    # ------------------------------------------------------------------ text <-> ids
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if self._hf:
+            return self._hf.encode(text, add_special_tokens=add_special_tokens).ids
+        ids = self._sp.EncodeAsIds(text)
+        if add_special_tokens and self.config.get("add_bos_token", True) and self.bos_token_id is not None:
+            ids = [self.bos_token_id, *ids]
+        if add_special_tokens and self.config.get("add_eos_token", False) and self.eos_token_id is not None:
+            ids = [*ids, self.eos_token_id]
+        return ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        ids = [int(i) for i in ids]
+        if self._hf:
+            return self._hf.decode(ids, skip_special_tokens=skip_special_tokens)
+        if skip_special_tokens:
+            ids = [i for i in ids if i not in self.special_ids]
+        return self._sp.DecodeIds(ids)
+
+    # ------------------------------------------------------------------ chat
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, tokenize: bool = False,
+                            template: str | None = None, **kwargs) -> str | list[int]:
+        """Renders messages with the checkpoint's chat template, exactly as transformers does.
+
+        Returns the text, or its token ids (tokenized without adding special tokens, since the
+        template writes them) with `tokenize=True`.
+        """
+        source = self.chat_template
+        if isinstance(source, dict):
+            source = source.get(template or "default")
+        elif template:
+            source = template
+        if not source:
+            raise ConfigError(f"{self.folder}: this tokenizer has no chat template")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise ValueError(f"messages[{i}]: expected a dict with 'role' and 'content', got {m!r}")
+        variables = {**self.special_tokens, **kwargs}
+        text = _compile(source).render(messages=messages, tools=None, documents=None,
+                                       add_generation_prompt=add_generation_prompt, **variables)
+        return self.encode(text, add_special_tokens=False) if tokenize else text
+
+    def save(self, folder: str | Path) -> None:
+        """Copies the tokenizer's files into `folder`."""
+        folder = Path(folder)
+        for name in TOKENIZER_FILES:
+            if (self.folder / name).is_file() and (self.folder / name).resolve() != (folder / name).resolve():
+                shutil.copyfile(self.folder / name, folder / name)
+
+
+_TEMPLATES: dict[str, object] = {}
+
+
+def _compile(source: str):
+    if source not in _TEMPLATES:
+        import jinja2
+        import jinja2.ext
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise jinja2.exceptions.TemplateError(message)
+
+        def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+            return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+        env.filters["tojson"] = tojson
+        env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+        _TEMPLATES[source] = env.from_string(source)
+    return _TEMPLATES[source]
