@@ -11,10 +11,6 @@ import numpy as np
 
 NAME = keras.backend.backend()
 
-# TensorFlow runs matmul on a (b, t, d) input as a broadcast batched product, ~30% slower than
-# flattening to (b*t, d) first; PyTorch and XLA flatten internally, where the extra reshapes
-# would only add per-op overhead.
-PREFERS_2D_MATMUL = NAME == "tensorflow"
 
 
 def _torch_no_grad():
@@ -146,25 +142,39 @@ def set_value(variable, array: np.ndarray) -> None:
 # ----------------------------------------------------------------------------- KV cache writes
 
 
-def _torch_write_rows(cache, indices, updates):
+def _torch_write_slices(cache, rows, starts, updates):
+    import torch
+
     # In place: the generation engine owns the preallocated cache buffer.
-    cache[indices[:, 0], indices[:, 1]] = updates.to(cache.dtype)
+    if updates.shape[1] == 1:  # decoding: one position per row
+        cache[rows, starts] = updates[:, 0]
+    else:
+        span = starts[:, None] + torch.arange(updates.shape[1], device=cache.device)[None, :]  # (N, T)
+        cache[rows[:, None], span] = updates
     return cache
 
 
-_WRITE_ROWS = {"torch": _torch_write_rows}
+def _xla_write_slices(cache, rows, starts, updates):
+    updates = keras.ops.cast(updates, cache.dtype)
+    zeros = (0,) * (len(cache.shape) - 2)
+    for i in range(updates.shape[0]):
+        cache = keras.ops.slice_update(cache, (rows[i], starts[i], *zeros), updates[i : i + 1])
+    return cache
 
 
-def write_rows(cache, indices, updates):
-    """cache (B, S, ...) with rows [indices[i, 0], indices[i, 1]] set to updates[i]; returns the cache.
+_WRITE_SLICES = {"torch": _torch_write_slices}
 
-    Functional (a scatter that XLA performs in place when the cache is donated) on JAX and
-    TensorFlow; in place on PyTorch.
+
+def write_slices(cache, rows, starts, updates):
+    """cache (B, S, ...) with cache[rows[i], starts[i] : starts[i] + T] = updates[i]; returns the cache.
+
+    updates is (N, T, ...), with N small and static. On JAX and TensorFlow this is one
+    `slice_update` per row (contiguous writes that never read the old values; XLA:CPU still
+    copies the donated cache once per step when attention reads it, which costs O(cache) and is
+    negligible next to the weights at the sizes we run). On PyTorch it is one in-place indexed
+    assignment.
     """
-    write = _WRITE_ROWS.get(NAME)
-    if write:
-        return write(cache, indices, updates)
-    return keras.ops.scatter_update(cache, indices, keras.ops.cast(updates, cache.dtype))
+    return _WRITE_SLICES.get(NAME, _xla_write_slices)(cache, rows, starts, updates)
 
 
 # ----------------------------------------------------------------------------- compiled generation steps
@@ -217,6 +227,31 @@ def _frozen(model):
             p.requires_grad_(flag)
 
 
+def _strip_noop_casts(graph) -> int:
+    """Removes `aten::to` nodes whose input already has the target dtype and device.
+
+    Keras' torch `convert_to_tensor` calls `x.to(dtype)` on every operand of every op; at run
+    time these return their input, but a traced graph still dispatches each one (~300 per
+    decode step of an 8-layer model). The traced types say when they are no-ops.
+    """
+    import torch
+
+    removed = 0
+    for node in list(graph.nodes()):
+        if node.kind() != "aten::to" or node.outputsSize() != 1:
+            continue
+        source, result = node.inputsAt(0).type(), node.output().type()
+        if not (isinstance(source, torch._C.TensorType) and isinstance(result, torch._C.TensorType)):
+            continue
+        if source.scalarType() is not None and source.scalarType() == result.scalarType() \
+                and source.device() == result.device():
+            node.output().replaceAllUsesWith(node.inputsAt(0))
+            node.destroy()
+            removed += 1
+    torch._C._jit_pass_dce(graph)
+    return removed
+
+
 def _torch(model, fn, cache_arg, mode="trace"):
     import torch
 
@@ -250,6 +285,7 @@ def _torch(model, fn, cache_arg, mode="trace"):
                 return fn(*a)
             with _frozen(model):
                 traced[key] = torch.jit.trace(plain, args, check_trace=False, strict=False)
+            _strip_noop_casts(traced[key].graph)
         with torch.no_grad():
             return traced[key](*args)
     return run

@@ -7,7 +7,8 @@ rule or is cancelled, and its slot is reused at once. Each slot attends only to 
 row at its own positions, so a request's tokens do not depend on what else runs beside it.
 
 The engine is model-agnostic: it needs `model.compiled_steps()` (prefill and decode, see
-GemmaCausalLM), `model.backbone.empty_cache(rows, length)` and a tokenizer.
+GemmaCausalLM) and `model.backbone.empty_cache(rows, length)`; with `model.tokenizer` set it also
+turns tokens into text (and honours stop strings).
 """
 
 import collections
@@ -86,7 +87,6 @@ class GenerationEngine:
     def __init__(self, model, rows: int, length: int):
         self.model, self.rows, self.length = model, rows, length
         self.tokenizer = model.tokenizer
-        self.prefill_step, self.decode_step = model.compiled_steps()
         self.cache = model.backbone.empty_cache(rows, length)
         self.slots: list[Request | None] = [None] * rows
         self.waiting: collections.deque[Request] = collections.deque()
@@ -108,8 +108,11 @@ class GenerationEngine:
         if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
             raise GenerationError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
         request = Request(prompt_ids, max_new_tokens, sampler or Sampler(), frozenset(stop_ids), tuple(stop))
+        if request.stop and self.tokenizer is None:
+            raise GenerationError("stop strings need a tokenizer; this model has none (use stop token ids)")
+        stream = TextStream(self.tokenizer, request.stop) if self.tokenizer is not None else None
         with self._lock:
-            self._streams[request.id] = (TextStream(self.tokenizer, request.stop), request.sampler.rng())
+            self._streams[request.id] = (stream, request.sampler.rng())
             self.waiting.append(request)
         return request
 
@@ -136,7 +139,7 @@ class GenerationEngine:
             positions = np.zeros((self.rows,), np.int32)
             for r in active:
                 tokens[r.slot, 0], positions[r.slot] = r.tokens[-1], r.position
-            logits, self.cache = self.decode_step(tokens, positions, self.cache)
+            logits, self.cache = self.model.compiled_steps()[1](tokens, positions, self.cache)
             logits = backend.to_numpy(logits)
             events += [self._accept(r, logits[r.slot]) for r in active]
         for i, r in enumerate(self.slots):
@@ -181,7 +184,7 @@ class GenerationEngine:
                 tokens[row, : len(r.prompt_ids)] = r.prompt_ids
             lengths = np.array([len(r.prompt_ids) for r in padded], np.int32)
             slots = np.array([r.slot for r in padded], np.int32)
-            logits, self.cache = self.prefill_step(tokens, lengths, slots, self.cache)
+            logits, self.cache = self.model.compiled_steps()[0](tokens, lengths, slots, self.cache)
             logits = backend.to_numpy(logits)
             events += [self._accept(r, logits[row]) for row, r in enumerate(group)]
         return events
@@ -195,17 +198,17 @@ class GenerationEngine:
         r.tokens.append(token)
         if token in r.stop_ids:
             r.finish_reason = "stop"
-            text = stream.finish()
-            r.text = stream.text
+            text = stream.finish() if stream else ""
+            r.text = stream.text if stream else ""
             return Event(r, token, text, True)
-        text = stream.push(token)
-        if stream.stopped:
+        text = stream.push(token) if stream else ""
+        if stream and stream.stopped:
             r.finish_reason = "stop"
         elif len(r.tokens) >= r.max_new_tokens or len(r.prompt_ids) + len(r.tokens) >= self.length:
             r.finish_reason = "length"
-        if r.finished:
-            text += stream.finish()
-        r.text = stream.text
+        if stream:
+            text += stream.finish() if r.finished else ""
+            r.text = stream.text
         return Event(r, token, text, r.finished)
 
     def run(self, requests: list[Request]):

@@ -6,9 +6,12 @@ NumPy transposes a 1 GB checkpoint in ~2.4 s on 2 cores, a reshape is free. The 
 are as fast or faster in this layout on all three backends (ViT-B MLP, 2 cores: PyTorch 51 vs
 54 ms, JAX 61 vs 63 ms, TensorFlow 51 vs 56 ms).
 
-TensorFlow runs a product on (b, t, d) inputs as a broadcast batched matmul, ~30% slower than
-on (b*t, d), so there the layer flattens first (`zoo.backend.PREFERS_2D_MATMUL`); elsewhere
-Keras' own einsum path is kept. Only the float `call` is replaced: Keras' `enable_lora` (the
+Every backend runs the product as one 2-D matmul of the flattened input with a 2-D view of the
+kernel, which each handles best: TensorFlow runs matmul on (b, t, d) inputs as a broadcast
+batched product (~30% slower than on (b*t, d)); XLA:CPU copies a 3-D heads kernel such as
+(n, h, d) into a transposed buffer on every call, but uses its (n*h, d) view in place; a traced
+PyTorch decode step is ~20% faster with matmul than with einsum, which re-parses its equation
+and permutes on every call. Only the float `call` is replaced: Keras' `enable_lora` (the
 `kernel` property merges the adapter) and quantisation keep working.
 """
 
@@ -17,7 +20,6 @@ import math
 import keras
 from keras import ops
 
-from zoo import backend
 from zoo.layers import init
 
 
@@ -44,8 +46,6 @@ class EinsumDense(keras.layers.EinsumDense):
         self._num_contracted, self._num_out = len(contracted), len(out)
 
     def call(self, inputs, training=None):
-        if not backend.PREFERS_2D_MATMUL:
-            return super().call(inputs, training=training)
         shape = ops.shape(inputs)
         kernel_shape = tuple(self.kernel.shape)
         if self._out_first:

@@ -4,6 +4,7 @@ import keras
 from keras import ops
 
 from zoo.layers import init
+from zoo.layers.dtypes import cast
 
 
 class RMSNorm(keras.layers.Layer):
@@ -21,9 +22,9 @@ class RMSNorm(keras.layers.Layer):
         self.weight = self.add_weight(shape=(input_shape[-1],), initializer=init.zeros(), name="weight")
 
     def call(self, x):
-        x32 = ops.cast(x, "float32")
+        x32 = cast(x, "float32")
         normed = x32 * ops.rsqrt(ops.mean(ops.square(x32), axis=-1, keepdims=True) + self.epsilon)
-        return ops.cast(normed * (1.0 + ops.cast(self.weight, "float32")), x.dtype)  # (1 + w), in float32
+        return cast(normed * (1.0 + cast(self.weight, "float32")), x.dtype)  # (1 + w), in float32
 
     def get_config(self):
         return {**super().get_config(), "epsilon": self.epsilon}

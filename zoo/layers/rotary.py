@@ -10,17 +10,19 @@ def inverse_frequencies(head_dim: int, theta: float, factor: float = 1.0) -> np.
     return (np.float32(1.0) / (np.float32(theta) ** exponents) / np.float32(factor)).astype(np.float32)
 
 
-def cos_sin(positions, inv_freq: np.ndarray):
-    """Integer positions (b, t) -> cos, sin (b, t, h), float32."""
-    angles = ops.cast(positions, "float32")[..., None] * ops.convert_to_tensor(inv_freq)  # (b, t, h/2)
-    angles = ops.concatenate([angles, angles], axis=-1)  # (b, t, h)
-    return ops.cos(angles), ops.sin(angles)
+def cos_sin(positions, inv_freq: np.ndarray, dtype):
+    """Integer positions (b, t) -> cos, sin (b, t, 1, h) in `dtype`.
+
+    Computed in float32 and cast to the activations' dtype, as the reference does; shaped to
+    broadcast over heads so each layer applies them without reshaping.
+    """
+    angles = ops.cast(positions, "float32")[:, :, None, None] * ops.convert_to_tensor(inv_freq)  # (b, t, 1, h/2)
+    angles = ops.concatenate([angles, angles], axis=-1)  # (b, t, 1, h)
+    return ops.cast(ops.cos(angles), dtype), ops.cast(ops.sin(angles), dtype)
 
 
 def apply(x, cos, sin):
-    """x (b, t, n, h) rotated by position; cos/sin (b, t, h) are cast to x's dtype first, as the reference does."""
-    cos = ops.cast(cos, x.dtype)[:, :, None, :]  # (b, t, 1, h)
-    sin = ops.cast(sin, x.dtype)[:, :, None, :]
+    """x (b, t, n, h) rotated by position."""
     half = x.shape[-1] // 2
     rotated = ops.concatenate([-x[..., half:], x[..., :half]], axis=-1)  # rotate_half
     return x * cos + rotated * sin

@@ -10,6 +10,7 @@ from keras import ops
 
 from zoo import backend
 from zoo.layers import activations, rotary
+from zoo.layers.dtypes import cast
 from zoo.layers.dense import einsum_dense
 from zoo.layers.norms import RMSNorm
 from zoo.models.gemma.config import GemmaConfig
@@ -44,9 +45,9 @@ class GemmaAttention(keras.layers.Layer):
     def call(self, x, cos, sin, mask, cache=None, write_index=None, read_cache=False):
         """x (b, t, d) -> (b, t, d), and the (keys, values) cache with this step's rows written.
 
-        With a cache, this step's keys and values are written at `write_index` (rows of
-        (slot, position)); `read_cache` attends over the whole cache (decoding) rather than
-        over this step's own keys (prefilling).
+        With a cache, row i of this step's keys and values is written into cache row
+        `write_index[0][i]` from position `write_index[1][i]`; `read_cache` attends over the
+        whole cache (decoding) rather than over this step's own keys (prefilling).
         """
         q = self.q_proj(x)  # (b, t, n, h)
         k = self.k_proj(x)  # (b, t, k, h)
@@ -56,9 +57,8 @@ class GemmaAttention(keras.layers.Layer):
         q, k = rotary.apply(q, cos, sin), rotary.apply(k, cos, sin)
         if cache is not None:
             keys, values = cache
-            flat = (-1, self.config.num_kv_heads, self.config.head_dim)
-            keys = backend.write_rows(keys, write_index, ops.reshape(k, flat))  # (B, S, k, h)
-            values = backend.write_rows(values, write_index, ops.reshape(v, flat))
+            keys = backend.write_slices(keys, *write_index, k)  # (B, S, k, h)
+            values = backend.write_slices(values, *write_index, v)
             cache = (keys, values)
             if read_cache:
                 k, v = keys, values
@@ -72,8 +72,8 @@ class GemmaAttention(keras.layers.Layer):
         if c.attn_logit_softcapping:
             cap = ops.cast(c.attn_logit_softcapping, scores.dtype)
             scores = ops.tanh(scores / cap) * cap
-        scores = ops.where(mask[:, None, None, :, :], ops.cast(scores, "float32"), MASKED)
-        probs = ops.cast(ops.softmax(scores, axis=-1), v.dtype)  # softmax in float32, as the reference
+        scores = ops.where(mask, cast(scores, "float32"), MASKED)  # mask: (b, 1, 1, t, s)
+        probs = cast(ops.softmax(scores, axis=-1), v.dtype)  # softmax in float32, as the reference
         out = ops.einsum("bkgts,bskh->btkgh", probs, v)  # (b, t, k, g, h)
         return ops.reshape(out, (b, t, c.num_heads, c.head_dim))
 

@@ -87,8 +87,7 @@ class GemmaBackbone(PresetModel):
         p, t = ops.shape(token_ids)[0], ops.shape(token_ids)[1]
         positions = ops.broadcast_to(ops.arange(t, dtype="int32")[None, :], (p, t))  # (p, T)
         masks = self._masks(positions[:, :, None], positions[:, None, :], None)
-        rows = ops.repeat(ops.convert_to_tensor(slots, "int32"), t)
-        write_index = ops.stack([rows, ops.reshape(positions, (-1,))], axis=1)  # (p*T, 2)
+        write_index = (ops.convert_to_tensor(slots, "int32"), ops.zeros((p,), "int32"))  # rows, start positions
         return self._run_layers(self._embed(token_ids), positions, masks, cache, write_index, read_cache=False)
 
     def decode(self, token_ids, positions, cache):
@@ -98,7 +97,7 @@ class GemmaBackbone(PresetModel):
         rows, length = ops.shape(cache[0])[0], ops.shape(cache[0])[1]
         key_positions = ops.arange(length, dtype="int32")[None, None, :]  # (1, 1, S)
         masks = self._masks(positions[:, None, None], key_positions, None)
-        write_index = ops.stack([ops.arange(rows, dtype="int32"), positions], axis=1)  # (B, 2)
+        write_index = (ops.arange(rows, dtype="int32"), positions)  # every row, at its own position
         return self._run_layers(self._embed(token_ids), positions[:, None], masks, cache, write_index, read_cache=True)
 
     # ------------------------------------------------------------------ internals
@@ -108,7 +107,10 @@ class GemmaBackbone(PresetModel):
         return x * ops.cast(self.config.hidden_size**0.5, x.dtype)  # the normaliser in the hidden dtype
 
     def _masks(self, query_positions, key_positions, key_valid):
-        """Boolean (b, t, s) masks per layer type: causal, and within the window for sliding layers."""
+        """Boolean masks per layer type, (b, 1, 1, t, s) to broadcast over KV heads and groups.
+
+        Causal everywhere, and within the window for sliding layers.
+        """
         causal = key_positions <= query_positions
         if key_valid is not None:
             causal = ops.logical_and(causal, key_valid)
@@ -116,10 +118,10 @@ class GemmaBackbone(PresetModel):
         if self.config.sliding_window:
             window = key_positions > query_positions - self.config.sliding_window
             masks[SLIDING] = ops.logical_and(causal, window)
-        return masks
+        return {kind: ops.expand_dims(mask, (1, 2)) for kind, mask in masks.items()}
 
     def _run_layers(self, x, positions, masks, cache=None, write_index=None, read_cache=False):
-        rope = {kind: rotary.cos_sin(positions, inv) for kind, inv in self.inv_freq.items()}
+        rope = {kind: rotary.cos_sin(positions, inv, x.dtype) for kind, inv in self.inv_freq.items()}
         new_cache = []
         for i, (layer, kind) in enumerate(zip(self.decoder_layers, self.config.layer_types)):
             layer_cache = None if cache is None else (cache[2 * i], cache[2 * i + 1])
@@ -186,7 +188,8 @@ class GemmaCausalLM(PresetModel):
             self.lm_head.build((None, None, config.hidden_size))
         self.tokenizer = tokenizer
         self.stop_token_ids = frozenset(stop_token_ids if stop_token_ids is not None else config.eos_token_id)
-        self._steps = None
+        self.torch_mode = "trace"
+        self._compiled = {}
         self._engines = {}
         self.built = True
 
@@ -219,20 +222,22 @@ class GemmaCausalLM(PresetModel):
         hidden, cache = self.backbone.decode(token_ids, positions, cache)
         return ops.cast(self.logits(hidden[:, 0]), "float32"), cache
 
-    def compiled_steps(self, torch_mode: str = "trace"):
-        """(prefill, decode), compiled once for this backend and shared by every engine."""
-        if self._steps is None or self._steps[0] != torch_mode:
-            self._steps = (torch_mode,
-                           backend.compile_step(self, self.prefill_step, cache_arg=3, torch_mode=torch_mode),
-                           backend.compile_step(self, self.decode_step, cache_arg=2, torch_mode=torch_mode))
-        return self._steps[1], self._steps[2]
+    def compiled_steps(self):
+        """(prefill, decode), compiled once per backend (and PyTorch mode) and shared by every engine.
+
+        `self.torch_mode` picks PyTorch's path: "trace" (default), "eager" or "compile".
+        """
+        if self.torch_mode not in self._compiled:
+            self._compiled[self.torch_mode] = (
+                backend.compile_step(self, self.prefill_step, cache_arg=3, torch_mode=self.torch_mode),
+                backend.compile_step(self, self.decode_step, cache_arg=2, torch_mode=self.torch_mode),
+            )
+        return self._compiled[self.torch_mode]
 
     # ------------------------------------------------------------------ generation
 
     def engine(self, rows: int, length: int):
         """A GenerationEngine over `rows` slots of `length` positions (reused while its shape is asked for)."""
-        if self.tokenizer is None:
-            raise ConfigError("this model has no tokenizer; load a preset with tokenizer.json or tokenizer.model")
         key = (rows, length)
         if key not in self._engines:
             if len(self._engines) >= 4:
