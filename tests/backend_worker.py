@@ -1,6 +1,6 @@
 """Run by tests in a subprocess under another KERAS_BACKEND: loads a preset, writes its outputs.
 
-Usage: python backend_worker.py vit FOLDER INPUT.npy OUTPUT.npy
+Usage: python backend_worker.py {vit,gemma} FOLDER INPUT.npy OUTPUT.npy
 """
 
 import sys
@@ -14,6 +14,9 @@ def main(kind: str, folder: str, inputs: str, output: str) -> None:
 
     if kind == "vit":
         model = zoo.ViTImageClassifier.from_preset(folder)
+        np.save(output, to_numpy(model(np.load(inputs))))
+    elif kind == "gemma":
+        model = zoo.GemmaCausalLM.from_preset(folder)
         np.save(output, to_numpy(model(np.load(inputs))))
     else:
         raise SystemExit(f"unknown kind {kind!r}")
