@@ -99,10 +99,12 @@ def unigram_loss(train: np.ndarray, validation: np.ndarray) -> float:
     return float(-logp[validation].mean())
 
 
-def train(out: Path, steps: int, seed: int, batch: int = 16) -> dict:
+def train(out: Path, steps: int, seed: int, batch: int = 16, limit: int | None = None) -> dict:
+    """Trains and writes the preset; `limit` keeps only the first files of each split (for tests)."""
     keras.utils.set_random_seed(seed)
     rng = np.random.default_rng(seed)
     train_files, val_files = source_files()
+    train_files, val_files = train_files[:limit], val_files[:limit]
     tokenizer = train_tokenizer(train_files, out)
     train_ids, val_ids = token_stream(tokenizer, train_files), token_stream(tokenizer, val_files)
     log.info("%d train files (%d tokens), %d validation files (%d tokens)",

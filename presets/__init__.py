@@ -4,8 +4,10 @@ This folder is shipped as the `zoo.presets` package, so the registry code lives 
 the cards it reads (DESIGN.md's `zoo/presets.py` would shadow the package of the same name).
 
 A card is data: name, task class, description, parameter count, license, whether the
-upstream repo is gated, the handles it can be downloaded from (Hugging Face first), and,
-for presets shipped inside the package, the bundled folder's name.
+upstream repo is gated, the handles it can be downloaded from (Hugging Face first), optional
+pinned revisions per handle, the architecture's config.json (so the parameter count can be
+checked without downloading anything), and, for presets shipped inside the package, the
+bundled folder's name.
 """
 
 import difflib
@@ -29,7 +31,18 @@ class PresetCard:
     gated: bool = False
     sources: tuple[str, ...] = ()
     bundled: str | None = None
+    revisions: dict = field(default_factory=dict, compare=False)  # source handle -> pinned revision
     config: dict = field(default_factory=dict, compare=False)  # architecture config.json, when given
+
+    def model_config(self):
+        """The architecture config this card describes (from `config`, or the bundled folder's config.json)."""
+        from zoo.models import registry
+        from zoo.models.base import CONFIG_FILE, read_config
+
+        raw = self.config or (read_config(self.folder) if self.folder else None)
+        if not raw:
+            raise ConfigError(f"preset {self.name!r}: the card has no [config] and no bundled folder")
+        return registry.detect(raw, f"preset card {self.name}.toml [config]").read_config(raw)
 
     @property
     def folder(self) -> Path | None:
@@ -54,6 +67,8 @@ def _card(path: Path) -> PresetCard:
     if missing:
         raise ConfigError(f"{path}: missing fields {sorted(missing)}")
     raw["sources"] = tuple(raw.get("sources", ()))
+    if raw["name"] != path.stem:
+        raise ConfigError(f"{path}: the card's name {raw['name']!r} must match its file name")
     return PresetCard(**raw)
 
 

@@ -7,11 +7,26 @@ three, one process each.
 import ipaddress
 import os
 import socket
+import tempfile
 
 import numpy as np
 import pytest
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# The hub clients read their endpoints and cache folders when first imported: point them at the
+# fake hubs (tests/fake_hubs.py) and a scratch cache before anything imports them.
+FAKE_HF_PORT = _free_port()
+os.environ["HF_ENDPOINT"] = f"http://127.0.0.1:{FAKE_HF_PORT}"
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="zoo-tests-hf-")
+os.environ["KAGGLE_API_ENVIRONMENT"] = "TEST"  # kagglesdk then calls http://localhost:7777
+for _name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_API_TOKEN", "ZOO_OFFLINE"):
+    os.environ.pop(_name, None)
+os.environ["HF_HUB_OFFLINE"] = "1"  # hub tests switch it off while their fake hub runs
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -51,6 +66,7 @@ def _isolated_caches(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(home / "hf"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("KAGGLEHUB_CACHE", str(home / "kaggle"))
+    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(home / "kaggle_config"))
     monkeypatch.setenv("ZOO_CACHE", str(home / "zoo"))
 
 

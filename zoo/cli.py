@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 DEFAULT_CLASSIFIER = "vit_tiny_digits"
+DEFAULT_LM = "gemma_tiny_pycode"
 
 
 def _classify(args) -> int:
@@ -41,7 +42,131 @@ def _add_classify(sub) -> None:
     p.set_defaults(run=_classify)
 
 
-COMMANDS = [_add_classify]
+def _generate(args) -> int:
+    import zoo
+
+    from zoo.generation import Sampler
+
+    # --top-p or --top-k alone sample at temperature 1, as transformers does; nothing at all is greedy.
+    sampling = args.top_p is not None or args.top_k is not None
+    temperature = args.temperature if args.temperature is not None else (1.0 if sampling else 0.0)
+    sampler = Sampler(temperature=temperature, top_k=args.top_k or 0, top_p=1.0 if args.top_p is None else args.top_p,
+                      seed=args.seed)
+    lm = zoo.GemmaCausalLM.from_preset(args.preset)
+    pieces = lm.stream(args.prompt, max_new_tokens=args.max_new_tokens, sampler=sampler, stop=args.stop or None,
+                       chat=args.chat)
+    if not args.chat and not args.no_echo:
+        sys.stdout.write(args.prompt)
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="stream a text completion to the terminal")
+    p.add_argument("prompt", help="the prompt (with --chat: the user's message)")
+    p.add_argument("--preset", default=DEFAULT_LM, help=f"preset name, handle or folder (default {DEFAULT_LM})")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="the most tokens to generate (default 64)")
+    p.add_argument("--temperature", type=float, default=None, help="sampling temperature; 0 (the default) is greedy")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: keep the smallest set reaching P")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the K most likely tokens")
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    p.add_argument("--stop", action="append", help="a stop string (repeatable)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt with the tokenizer's chat template")
+    p.add_argument("--no-echo", action="store_true", help="print only the completion, not the prompt before it")
+    p.set_defaults(run=_generate)
+
+
+def _human(n: float, unit: str = "") -> str:
+    for suffix in ("", "K", "M", "B", "T"):
+        if abs(n) < 999.5:
+            return f"{n:.3g}{suffix}{unit}"
+        n /= 1000
+    return f"{n:.3g}P{unit}"
+
+
+def _folder_size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def _list(args) -> int:
+    import zoo
+
+    cards = zoo.list_presets(task=args.task)
+    if not cards:
+        tasks = sorted({c.task for c in zoo.list_presets()})
+        raise zoo.errors.PresetNotFoundError(f"no presets for task {args.task!r}; tasks are {', '.join(tasks)}")
+    if args.json:
+        print(json.dumps([{"name": c.name, "task": c.task, "params": c.params, "license": c.license, "gated": c.gated,
+                           "bundled": c.bundled is not None, "sources": list(c.sources)} for c in cards], indent=2))
+        return 0
+    rows = [("NAME", "TASK", "PARAMS", "LICENSE", "NOTES")]
+    for c in cards:
+        notes = ", ".join(n for n, on in (("bundled", c.bundled), ("gated", c.gated)) if on)
+        rows.append((c.name, c.task, _human(c.params), c.license, notes))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
+    return 0
+
+
+def _add_list(sub) -> None:
+    p = sub.add_parser("list", help="list the preset catalogue")
+    p.add_argument("--task", help="only presets of this task class, e.g. GemmaCausalLM or ViTImageClassifier")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(run=_list)
+
+
+def _info(args) -> int:
+    from zoo import hub, presets
+
+    card = presets.get(args.name)
+    cached = hub.cached_folder(args.name)
+    info = {"name": card.name, "task": card.task, "description": card.description, "params": card.params,
+            "license": card.license, "gated": card.gated, "sources": list(card.sources),
+            "revisions": dict(card.revisions), "bundled": card.bundled is not None,
+            "cached": str(cached) if cached else None, "size_bytes": _folder_size(cached) if cached else None}
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"{card.name}  ({card.task}, {_human(card.params)} parameters)")
+    print(f"  {card.description}")
+    print(f"  license: {card.license}" + ("  (gated: accept the license on the hub and set a token)" if card.gated else ""))
+    for source in card.sources:
+        pin = card.revisions.get(source)
+        print(f"  source:  {source}" + (f"  (pinned at {pin})" if pin else ""))
+    if cached:
+        print(f"  local:   {cached}  ({_human(_folder_size(cached), 'B')})")
+    else:
+        print("  local:   not downloaded (`zoo download " + card.name + "`)")
+    return 0
+
+
+def _add_info(sub) -> None:
+    p = sub.add_parser("info", help="show a preset's card, sources and whether it is cached locally")
+    p.add_argument("name", help="preset name (see `zoo list`)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(run=_info)
+
+
+def _download(args) -> int:
+    from zoo import hub
+
+    folder = hub.resolve(args.handle, revision=args.revision)
+    print(f"{folder}  ({_human(_folder_size(folder), 'B')})")
+    return 0
+
+
+def _add_download(sub) -> None:
+    p = sub.add_parser("download", help="download a preset or hf:// / kaggle:// handle into the local cache")
+    p.add_argument("handle", help="preset name, hf://org/name[@revision] or kaggle://owner/model/framework/variation[/version]")
+    p.add_argument("--revision", help="Hugging Face branch, tag or commit (instead of @revision)")
+    p.set_defaults(run=_download)
+
+
+COMMANDS = [_add_classify, _add_generate, _add_list, _add_info, _add_download]
 
 
 def parser() -> argparse.ArgumentParser:

@@ -23,6 +23,18 @@ class PresetNotFoundError(ZooError, FileNotFoundError):
     """A preset name, handle or folder does not resolve to a usable model folder."""
 
 
+class HandleError(PresetNotFoundError, ValueError):
+    """A handle is malformed (`hf://org/name[@revision]`, `kaggle://owner/model/framework/variation[/version]`)."""
+
+
+class HubError(PresetNotFoundError):
+    """A download from the Hugging Face Hub or Kaggle failed: missing repo, file or revision, no network, offline."""
+
+
+class GatedModelError(HubError, PermissionError):
+    """The repository is gated: its license must be accepted and a token given."""
+
+
 class CheckpointError(ZooError, ValueError):
     """A checkpoint file is unreadable, or its tensors do not fit the model."""
 

@@ -1,34 +1,270 @@
-"""Handles -> local folders: preset names, local paths, and (with the hub issue) hf:// and kaggle://."""
+"""Handles -> local folders: preset names, local paths, `hf://` and `kaggle://` handles.
+
+Downloads go through `huggingface_hub` and `kagglehub`, so their caches, progress bars, tokens
+(`HF_TOKEN`, `KAGGLE_USERNAME`/`KAGGLE_KEY`, `~/.kaggle/kaggle.json`) and offline mode
+(`HF_HUB_OFFLINE`) apply. A Hugging Face revision (branch, tag or commit) is resolved to one
+commit first and every file is fetched from that commit. `ZOO_OFFLINE=1` (or `set_offline(True)`)
+keeps every load on what is already cached.
+
+Example:
+    >>> from zoo import hub
+    >>> hub.parse("hf://google/gemma-2-2b@main")
+    Handle(scheme='hf', repo='google/gemma-2-2b', revision='main', kaggle_version=None)
+"""
 
 import os
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from zoo import presets
-from zoo.errors import PresetNotFoundError
+from zoo.errors import GatedModelError, HandleError, HubError, PresetNotFoundError
+
+# The files a model needs; other weights formats (.bin, .h5, .msgpack, .gguf, ONNX) are skipped.
+MODEL_FILES = (
+    "config.json", "*.safetensors", "model.safetensors.index.json", "generation_config.json",
+    "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "chat_template.jinja", "preprocessor_config.json",
+)
+# Kaggle's model frameworks; keras-zoo reads the Hugging Face layout, which Kaggle files under "transformers".
+KAGGLE_FRAMEWORKS = {
+    "transformers", "keras", "pytorch", "jax", "flax", "tensorflow2", "tensorflow1", "tfjs", "tflite", "onnx", "gguf",
+    "ggml", "gemmacpp", "maxtext", "pax", "tensorrtllm", "triton", "coral", "scikitlearn", "mxnet", "other",
+}
+KAGGLE_READABLE = {"transformers"}
+_REPO = re.compile(r"^[\w.-]+/[\w.-]+$")
+_KAGGLE = re.compile(r"^(?P<owner>[\w.-]+)/(?P<model>[\w.-]+)/(?P<framework>[\w.-]+)/(?P<variation>[\w.-]+)(/(?P<version>\d+))?$")
+_offline: bool | None = None
+
+
+@dataclass(frozen=True)
+class Handle:
+    scheme: str  # "hf" or "kaggle"
+    repo: str  # "org/name", or "owner/model/framework/variation" for Kaggle
+    revision: str | None = None
+    kaggle_version: int | None = None
+
+
+def set_offline(offline: bool | None) -> None:
+    """Forces offline (True) or online (False) loading for this process; None follows `ZOO_OFFLINE`."""
+    global _offline
+    _offline = offline
+
+
+def is_offline() -> bool:
+    if _offline is not None:
+        return _offline
+    return os.environ.get("ZOO_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def parse(handle: str) -> Handle:
+    """Splits an `hf://` or `kaggle://` handle, or raises HandleError saying what a handle looks like."""
+    scheme, sep, rest = handle.partition("://")
+    if not sep or scheme not in ("hf", "kaggle"):
+        raise HandleError(f"{handle!r}: unknown handle scheme {scheme + '://'!r}; expected hf:// or kaggle://")
+    if scheme == "hf":
+        repo, at, revision = rest.partition("@")
+        if not _REPO.match(repo) or (at and not revision):
+            raise HandleError(f"{handle!r}: expected hf://org/name or hf://org/name@revision")
+        return Handle("hf", repo, revision or None)
+    m = _KAGGLE.match(rest)
+    if not m:
+        raise HandleError(f"{handle!r}: expected kaggle://owner/model/framework/variation[/version]")
+    framework = m["framework"].lower()
+    if framework not in KAGGLE_FRAMEWORKS:
+        raise HandleError(f"{handle!r}: unknown Kaggle framework {m['framework']!r}; "
+                          f"keras-zoo reads {', '.join(sorted(KAGGLE_READABLE))} (Hugging Face layout)")
+    if framework not in KAGGLE_READABLE:
+        raise HandleError(f"{handle!r}: the {m['framework']!r} framework's files are not in Hugging Face layout; "
+                          f"use the {', '.join(sorted(KAGGLE_READABLE))} variation of this model")
+    repo = f"{m['owner']}/{m['model']}/{framework}/{m['variation']}"
+    return Handle("kaggle", repo, kaggle_version=int(m["version"]) if m["version"] else None)
 
 
 def _is_path(preset) -> bool:
     if isinstance(preset, os.PathLike):
         return True
+    if "://" in preset:
+        return False
     return preset.startswith((".", "/", "~")) or os.sep in preset or Path(preset).is_dir()
 
 
-def resolve(preset: str | os.PathLike) -> Path:
-    """A local folder holding the preset's config.json and weights."""
+# Where each resolved folder came from, so `describe` can record the commit without a second call.
+_SOURCES: dict[str, dict] = {}
+
+
+def resolve(preset: str | os.PathLike, revision: str | None = None) -> Path:
+    """A local folder holding the preset's config.json and weights, downloading it if needed."""
     if _is_path(preset):
         folder = Path(preset).expanduser()
         if not folder.is_dir():
             raise PresetNotFoundError(f"{folder}: no such folder")
         return folder
     if "://" in preset:
-        scheme = preset.split("://", 1)[0]
-        raise PresetNotFoundError(f"{preset}: {scheme}:// handles are not supported by this build")
+        h = parse(preset)
+        if revision and h.scheme == "hf":
+            h = Handle("hf", h.repo, revision)
+        return _download(h)
     card = presets.get(preset)
     if card.folder is not None:
         return card.folder
-    raise PresetNotFoundError(f"preset {preset!r} has no source this build can read: {list(card.sources)}")
+    if not card.sources:
+        raise PresetNotFoundError(f"preset {preset!r} lists no sources")
+    errors = []
+    for source in card.sources:  # Hugging Face first; Kaggle if that fails for a reason other than access
+        h = parse(source)
+        if h.scheme == "hf" and (revision or card.revisions.get(source)):
+            h = Handle("hf", h.repo, revision or card.revisions.get(source))
+        try:
+            return _download(h)
+        except GatedModelError:
+            raise
+        except HubError as e:
+            errors.append(str(e))
+    raise HubError(f"preset {preset!r}: no source could be read:\n  " + "\n  ".join(errors))
+
+
+def _download(h: Handle) -> Path:
+    folder, source = _download_hf(h) if h.scheme == "hf" else _download_kaggle(h)
+    _SOURCES[str(folder)] = source
+    return folder
 
 
 def describe(preset, folder: Path) -> dict:
-    """Where a loaded model came from, recorded on the model."""
-    return {"handle": str(preset), "folder": str(folder)}
+    """Where a loaded model came from, recorded on the model (and written by save_preset)."""
+    return {"handle": str(preset), "folder": str(folder), **_SOURCES.get(str(folder), {})}
+
+
+# ----------------------------------------------------------------------------- Hugging Face
+
+
+def _hf_error(e: Exception, h: Handle) -> HubError:
+    from huggingface_hub import errors as hf
+
+    where = f"hf://{h.repo}" + (f"@{h.revision}" if h.revision else "")
+    if isinstance(e, hf.GatedRepoError):
+        return GatedModelError(
+            f"{where} is a gated repository: accept its license at https://huggingface.co/{h.repo} while logged "
+            "in, then give a token with access (set HF_TOKEN or run `hf auth login`)")
+    if isinstance(e, hf.RevisionNotFoundError):
+        return HubError(f"{where}: the repository has no revision {h.revision!r} (a branch, tag or commit hash)")
+    if isinstance(e, hf.RepositoryNotFoundError):
+        return HubError(f"{where}: repository not found (or private: set HF_TOKEN to a token that can read it)")
+    if isinstance(e, hf.RemoteEntryNotFoundError):
+        return HubError(f"{where}: a file the model needs is missing from the repository: {e}")
+    if isinstance(e, (hf.LocalEntryNotFoundError, hf.OfflineModeIsEnabled)):
+        return HubError(f"{where} is not in the local cache and downloads are off (offline mode, or the Hub "
+                        "cannot be reached); run once online, or `zoo download` it first")
+    return HubError(f"{where}: download failed: {type(e).__name__}: {e}")
+
+
+def _hf_offline() -> bool:
+    from huggingface_hub import constants
+
+    return is_offline() or constants.HF_HUB_OFFLINE
+
+
+def _download_hf(h: Handle) -> tuple[Path, dict]:
+    """snapshot_download resolves the revision to a commit once and fetches every file from it; when
+    the Hub cannot be reached (or offline mode is on) it answers from the cache."""
+    import huggingface_hub
+
+    try:
+        folder = Path(huggingface_hub.snapshot_download(h.repo, revision=h.revision, allow_patterns=list(MODEL_FILES),
+                                                        local_files_only=_hf_offline()))
+    except Exception as e:  # huggingface_hub's typed errors, and its HTTP library's for network failures
+        raise _hf_error(e, h) from e
+    where = f"hf://{h.repo}@{folder.name}"
+    found = sorted(p.name for p in folder.iterdir())
+    if not (folder / "config.json").is_file():
+        raise HubError(f"{where}: the repository has no config.json; found {found[:8]}")
+    if not any(name.endswith(".safetensors") for name in found):
+        raise HubError(f"{where}: the repository has no .safetensors weights (keras-zoo reads safetensors only; "
+                       "other weight formats are not downloaded)")
+    return folder, {"commit": folder.name, "revision": h.revision or "main"}
+
+
+def _hf_from_cache(h: Handle) -> tuple[Path, dict]:
+    import huggingface_hub
+
+    try:
+        folder = Path(huggingface_hub.snapshot_download(h.repo, revision=h.revision, allow_patterns=list(MODEL_FILES),
+                                                        local_files_only=True))
+    except Exception as e:
+        raise _hf_error(e, h) from e
+    return folder, {"commit": folder.name, "revision": h.revision or "main"}
+
+
+# ----------------------------------------------------------------------------- Kaggle
+
+
+def _kaggle_error(e: Exception, h: Handle) -> HubError:
+    where = f"kaggle://{h.repo}" + (f"/{h.kaggle_version}" if h.kaggle_version else "")
+    response = getattr(e, "response", None)
+    status = getattr(response, "status_code", None)
+    owner, model = h.repo.split("/")[:2]
+    if status in (401, 403):
+        return GatedModelError(
+            f"{where}: access denied; accept the model's license at https://www.kaggle.com/models/{owner}/{model} "
+            "and give Kaggle credentials (KAGGLE_USERNAME and KAGGLE_KEY, or ~/.kaggle/kaggle.json)")
+    if status == 404:
+        return HubError(f"{where}: not found on Kaggle (check the owner, model, framework, variation and version)")
+    return HubError(f"{where}: download failed: {type(e).__name__}: {e}")
+
+
+def _download_kaggle(h: Handle) -> tuple[Path, dict]:
+    import kagglehub
+
+    handle = h.repo + (f"/{h.kaggle_version}" if h.kaggle_version else "")
+    if is_offline():
+        return _kaggle_from_cache(h)
+    try:
+        folder = Path(kagglehub.model_download(handle))
+    except Exception as e:  # kagglehub raises requests' errors and its own
+        import requests
+
+        if isinstance(e, requests.ConnectionError):
+            try:
+                return _kaggle_from_cache(h)
+            except HubError:
+                pass
+        raise _kaggle_error(e, h) from e
+    version = int(folder.name) if folder.name.isdigit() else h.kaggle_version
+    return folder, {"version": version}
+
+
+def _kaggle_from_cache(h: Handle) -> tuple[Path, dict]:
+    """The cached version asked for, or the newest cached one: kagglehub needs the network to find "latest"."""
+    from kagglehub.cache import Cache
+    from kagglehub.handle import parse_model_handle
+
+    cache = Cache()
+    base = Path(cache.get_path(parse_model_handle(h.repo + "/1"))).parent
+    versions = [h.kaggle_version] if h.kaggle_version else sorted(
+        (int(p.name) for p in base.glob("*") if p.name.isdigit()), reverse=True)
+    for version in versions:
+        path = cache.load_from_cache(parse_model_handle(f"{h.repo}/{version}"))
+        if path:
+            return Path(path), {"version": version}
+    raise HubError(f"kaggle://{h.repo}" + (f"/{h.kaggle_version}" if h.kaggle_version else "") +
+                   " is not in the local cache and downloads are off (offline, or Kaggle cannot be reached)")
+
+
+def cached_folder(preset: str) -> Path | None:
+    """The local folder of a preset or handle if it is already here, without any network call."""
+    try:
+        if _is_path(preset):
+            return Path(preset) if Path(preset).is_dir() else None
+        if "://" in preset:
+            h = parse(preset)
+            return (_hf_from_cache(h) if h.scheme == "hf" else _kaggle_from_cache(h))[0]
+        card = presets.get(preset)
+        if card.folder is not None:
+            return card.folder
+        for source in card.sources:
+            found = cached_folder(source)
+            if found:
+                return found
+    except (HubError, HandleError):
+        return None
+    return None

@@ -14,7 +14,7 @@ import shutil
 from functools import cached_property
 from pathlib import Path
 
-from zoo.errors import ConfigError, PresetNotFoundError
+from zoo.errors import ConfigError, GenerationError, PresetNotFoundError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "added_tokens.json")
@@ -119,7 +119,12 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         if self._hf:
             return self._hf.encode(text, add_special_tokens=add_special_tokens).ids
-        ids = self._sp.EncodeAsIds(text)
+        ids = []
+        for i, part in enumerate(self._sp_split.split(text) if self._sp_split else [text]):
+            if i % 2:  # a special token written in the text (a chat template's <bos>, say)
+                ids.append(self._sp.PieceToId(part))
+            elif part:
+                ids.extend(self._sp.EncodeAsIds(part))
         if add_special_tokens and self.config.get("add_bos_token", True) and self.bos_token_id is not None:
             ids = [self.bos_token_id, *ids]
         if add_special_tokens and self.config.get("add_eos_token", False) and self.eos_token_id is not None:
@@ -131,8 +136,26 @@ class Tokenizer:
         if self._hf:
             return self._hf.decode(ids, skip_special_tokens=skip_special_tokens)
         if skip_special_tokens:
-            ids = [i for i in ids if i not in self.special_ids]
-        return self._sp.DecodeIds(ids)
+            return self._sp.DecodeIds([i for i in ids if i not in self.special_ids])
+        # sentencepiece drops control tokens when decoding; transformers writes them out.
+        out, run = [], []
+        for i in ids + [None]:
+            if i is None or i in self.special_ids:
+                out.append(self._sp.DecodeIds(run) if run else "")
+                run = []
+                if i is not None:
+                    out.append(self._sp.IdToPiece(i))
+            else:
+                run.append(i)
+        return "".join(out)
+
+    @cached_property
+    def _sp_split(self):
+        """A pattern splitting text around the control tokens' strings (sentencepiece cannot encode them)."""
+        import re
+
+        pieces = sorted({self._sp.IdToPiece(i) for i in self.special_ids}, key=len, reverse=True)
+        return re.compile("(" + "|".join(map(re.escape, pieces)) + ")") if pieces else None
 
     # ------------------------------------------------------------------ chat
 
@@ -152,10 +175,15 @@ class Tokenizer:
             raise ConfigError(f"{self.folder}: this tokenizer has no chat template")
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise ValueError(f"messages[{i}]: expected a dict with 'role' and 'content', got {m!r}")
+                raise GenerationError(f"messages[{i}]: expected a dict with 'role' and 'content', got {m!r}")
+        import jinja2
+
         variables = {**self.special_tokens, **kwargs}
-        text = _compile(source).render(messages=messages, tools=None, documents=None,
-                                       add_generation_prompt=add_generation_prompt, **variables)
+        try:
+            text = _compile(source).render(messages=messages, tools=None, documents=None,
+                                           add_generation_prompt=add_generation_prompt, **variables)
+        except jinja2.TemplateError as e:  # the template's own raise_exception(), or a broken template
+            raise GenerationError(f"{self.folder}: the chat template rejected these messages: {e}") from e
         return self.encode(text, add_special_tokens=False) if tokenize else text
 
     def save(self, folder: str | Path) -> None:

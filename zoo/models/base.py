@@ -20,6 +20,7 @@ from zoo.key_map import export, load, plan, weights_by_path
 from zoo.layers.init import skip_init
 from zoo.models import registry
 
+SOURCE_FILE = "zoo_source.json"  # where save_preset records the hub revision a model came from
 CONFIG_FILE = "config.json"
 
 
@@ -79,6 +80,10 @@ class PresetModel(keras.Model):
         (folder / CONFIG_FILE).write_text(json.dumps(config.to_source(), indent=2) + "\n")
         write_checkpoint(folder, export(self.key_map(config), weights_by_path(self)), max_shard_size)
         self._save_extras(folder)
+        source = getattr(self, "source", None)
+        if source and ("commit" in source or "version" in source):  # downloaded: say from which revision
+            keep = {k: source[k] for k in ("handle", "revision", "commit", "version") if k in source}
+            (folder / SOURCE_FILE).write_text(json.dumps({"derived_from": keep}, indent=2) + "\n")
         return folder
 
     # Hooks for subclasses.

@@ -101,6 +101,16 @@ class GemmaConfig:
     def qk_norm(self) -> bool:
         return self.model_type == "gemma3_text"
 
+    def num_params(self, with_head: bool = True) -> int:
+        """Parameter count of the model this config builds (a tied head counts once), without building it."""
+        h, hd = self.hidden_size, self.head_dim
+        q, kv = self.num_heads * hd, self.num_kv_heads * hd
+        attention = h * q + 2 * h * kv + q * h + ((q + 2 * kv + h) if self.attention_bias else 0)
+        norms = (4 if self.sandwich_norms else 2) * h + (2 * hd if self.qk_norm else 0)
+        layer = attention + 3 * h * self.intermediate_size + norms
+        head = self.vocab_size * h if with_head and not self.tie_word_embeddings else 0
+        return self.vocab_size * h + self.num_layers * layer + h + head
+
     def replace(self, **changes) -> "GemmaConfig":
         return dataclasses.replace(self, **changes)
 

@@ -102,6 +102,16 @@ class ViTConfig:
     def labels(self) -> tuple[str, ...]:
         return self.id2label or tuple(f"LABEL_{i}" for i in range(self.num_labels))
 
+    def num_params(self, with_head: bool = True) -> int:
+        """Parameter count of the model this config builds, computed without building it."""
+        d, i, c = self.hidden_size, self.intermediate_size, self.num_channels
+        ph, pw = self.patch_size
+        bias = d if self.qkv_bias else 0
+        embeddings = c * ph * pw * d + d + d + (self.num_patches + 1) * d  # patch conv, [CLS], positions
+        layer = 2 * 2 * d + 3 * (d * d + bias) + d * d + d + d * i + i + i * d + d
+        head = d * self.num_labels + self.num_labels if with_head else 0
+        return embeddings + self.num_layers * layer + 2 * d + head
+
     def replace(self, **changes) -> "ViTConfig":
         return dataclasses.replace(self, **changes)
 
