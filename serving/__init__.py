@@ -1,1 +1,5 @@
-"""The HTTP server (shipped as zoo.serving)."""
+"""`zoo serve`: an OpenAI-compatible HTTP server over keras-zoo's task objects (shipped as `zoo.serving`)."""
+
+from zoo.serving.app import ServerConfig, create_app, load_models, serve
+
+__all__ = ["ServerConfig", "create_app", "load_models", "serve"]

@@ -166,7 +166,39 @@ def _add_download(sub) -> None:
     p.set_defaults(run=_download)
 
 
-COMMANDS = [_add_classify, _add_generate, _add_list, _add_info, _add_download]
+def _serve(args) -> int:
+    import logging
+
+    from zoo.serving import ServerConfig, create_app, load_models, serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    config = ServerConfig(host=args.host, port=args.port, max_batch=args.max_batch, max_queue=args.max_queue,
+                          api_key=args.api_key, max_model_len=args.max_model_len, max_tokens=args.max_tokens,
+                          request_timeout_s=args.request_timeout)
+    models = load_models(args.presets)
+    print(f"serving {', '.join(models)} on http://{args.host}:{args.port}/v1", flush=True)
+    serve(create_app(models, config), config)
+    return 0
+
+
+def _add_serve(sub) -> None:
+    import os
+
+    p = sub.add_parser("serve", help="serve presets over an OpenAI-compatible HTTP API")
+    p.add_argument("presets", nargs="*", help="preset names, handles or folders (default: the bundled presets)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=8, help="generation slots per model (default 8)")
+    p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429 (default 64)")
+    p.add_argument("--max-model-len", type=int, default=2048, help="positions per slot (default 2048, at most the model's)")
+    p.add_argument("--max-tokens", type=int, default=None, help="the most max_tokens a request may ask for")
+    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request is cut off")
+    p.add_argument("--api-key", default=os.environ.get("ZOO_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on every route but /health (default $ZOO_API_KEY)")
+    p.set_defaults(run=_serve)
+
+
+COMMANDS = [_add_classify, _add_generate, _add_list, _add_info, _add_download, _add_serve]
 
 
 def parser() -> argparse.ArgumentParser:

@@ -1,0 +1,481 @@
+"""The ASGI app: OpenAI-compatible routes over the schedulers, with limits, auth and metrics.
+
+Routes: `GET /health`, `GET /metrics`, `GET /v1/models`, `POST /v1/completions`,
+`POST /v1/chat/completions` (both with `stream: true` as server-sent events ending in
+`data: [DONE]`), `POST /v1/classify` (JSON with base64 images, or a multipart upload). Every error
+is OpenAI's error JSON: `{"error": {"message", "type", "param", "code"}}`.
+
+Example:
+    >>> app = create_app(load_models(["gemma_tiny_pycode"]), ServerConfig())  # doctest: +SKIP
+    >>> serve(app, ServerConfig(port=8000))  # doctest: +SKIP
+"""
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import hmac
+import io
+import json
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+from starlette.applications import Starlette
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from zoo.errors import GenerationError, ImageError, ZooError
+from zoo.generation import Sampler
+from zoo.serving.metrics import CONTENT_TYPE_LATEST, Metrics
+from zoo.serving.scheduler import ClassificationScheduler, GenerationScheduler, QueueFull
+
+log = logging.getLogger("zoo.serving")
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_batch: int = 8  # generation slots / images per classification batch
+    max_queue: int = 64  # requests waiting beyond the running batch; more answer 429
+    api_key: str | None = None
+    max_body_bytes: int = 8 * 2**20
+    max_model_len: int = 2048  # positions per slot (prompt + generated), capped by the model's own maximum
+    max_tokens: int | None = None  # the most `max_tokens` a request may ask for (default: max_model_len)
+    request_timeout_s: float = 600.0
+    max_images: int = 64
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers or {}
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+def load_models(presets: list[str]) -> dict[str, object]:
+    """Loads each preset (name, handle or folder) with its default task class, keyed by the name clients use."""
+    import zoo
+
+    if not presets:
+        presets = [card.name for card in zoo.list_presets() if card.bundled]
+    models = {}
+    for preset in presets:
+        name = str(preset).rstrip("/").split("/")[-1].split("@")[0] if ("/" in str(preset)) else str(preset)
+        models[name] = zoo.from_preset(preset)
+    return models
+
+
+# ----------------------------------------------------------------------------- request validation
+
+
+def _field(body: dict, name: str, kinds, default=None, required=False, check=None, message=""):
+    if name not in body or body[name] is None:
+        if required:
+            raise APIError(400, f"'{name}' is a required property", param=name, code="missing_required_parameter")
+        return default
+    value = body[name]
+    if isinstance(value, bool) and bool not in (kinds if isinstance(kinds, tuple) else (kinds,)):
+        raise APIError(400, f"'{name}' must be {message or kinds}, got {value!r}", param=name, code="invalid_type")
+    if not isinstance(value, kinds) or (check is not None and not check(value)):
+        raise APIError(400, f"'{name}' must be {message}, got {value!r}", param=name, code="invalid_value")
+    return value
+
+
+# top_k and ignore_eos are vLLM's extensions to OpenAI's parameters.
+COMMON_FIELDS = {"model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "stop", "seed", "n",
+                 "stream", "stream_options", "user", "logprobs", "presence_penalty", "frequency_penalty", "ignore_eos"}
+COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "echo", "best_of", "suffix"}
+CHAT_FIELDS = COMMON_FIELDS | {"messages", "top_logprobs", "response_format", "tools", "tool_choice"}
+
+
+def _sampling(body: dict, allowed: set[str], limit: int) -> dict:
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise APIError(400, f"Unrecognized request argument supplied: {', '.join(unknown)}", param=unknown[0],
+                       code="unknown_parameter")
+    for name, neutral in (("logprobs", (None, False, 0)), ("echo", (None, False)), ("presence_penalty", (None, 0, 0.0)),
+                          ("frequency_penalty", (None, 0, 0.0)), ("best_of", (None, 1)), ("suffix", (None, "")),
+                          ("tools", (None, [])), ("top_logprobs", (None, 0))):
+        if body.get(name) not in neutral:
+            raise APIError(400, f"'{name}' is not supported by this server", param=name, code="unsupported_parameter")
+    if body.get("response_format") not in (None, {"type": "text"}):
+        raise APIError(400, "only response_format {'type': 'text'} is supported", param="response_format")
+    n = _field(body, "n", int, 1, check=lambda v: v == 1, message="1 (one choice per request)")
+    max_tokens = _field(body, "max_completion_tokens", int, None, check=lambda v: v > 0, message="a positive integer")
+    max_tokens = _field(body, "max_tokens", int, max_tokens or 16, check=lambda v: v > 0, message="a positive integer")
+    if max_tokens > limit:
+        raise APIError(400, f"'max_tokens' is {max_tokens}; this server allows at most {limit}", param="max_tokens")
+    temperature = _field(body, "temperature", (int, float), 1.0, check=lambda v: 0 <= v <= 2, message="in [0, 2]")
+    top_p = _field(body, "top_p", (int, float), 1.0, check=lambda v: 0 < v <= 1, message="in (0, 1]")
+    top_k = _field(body, "top_k", int, 0, check=lambda v: v >= 0 or v == -1, message="an integer >= 0 (or -1)")
+    seed = _field(body, "seed", int, None, message="an integer")
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is not None and (not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop)):
+        raise APIError(400, f"'stop' must be a string or a list of at most 4 non-empty strings, got {stop!r}", param="stop")
+    stream = _field(body, "stream", bool, False, message="a boolean")
+    ignore_eos = _field(body, "ignore_eos", bool, False, message="a boolean")
+    options = _field(body, "stream_options", dict, {}, message="an object")
+    del n
+    return dict(max_tokens=max_tokens, sampler=Sampler(temperature=float(temperature), top_p=float(top_p),
+                                                      top_k=max(top_k, 0), seed=seed),
+                stop=stop or [], stream=stream, include_usage=bool(options.get("include_usage")), ignore_eos=ignore_eos)
+
+
+# ----------------------------------------------------------------------------- the app
+
+
+class Server:
+    def __init__(self, models: dict, config: ServerConfig):
+        self.config, self.models, self.metrics = config, models, Metrics()
+        self.generators: dict[str, GenerationScheduler] = {}
+        self.classifiers: dict[str, ClassificationScheduler] = {}
+        for name, model in models.items():
+            if hasattr(model, "compiled_steps"):
+                self.generators[name] = GenerationScheduler(model, config.max_batch, config.max_queue,
+                                                            config.max_model_len, self.metrics, name)
+            elif hasattr(model, "predict_labels"):
+                self.classifiers[name] = ClassificationScheduler(model, config.max_batch, config.max_queue,
+                                                                 metrics=self.metrics, name=name)
+            else:
+                raise ZooError(f"model {name!r} ({type(model).__name__}) has no task the server can serve")
+        self.ready = threading.Event()
+        self.created = int(time.time())
+
+    # lifecycle
+    def start(self) -> None:
+        for s in [*self.generators.values(), *self.classifiers.values()]:
+            s.start()
+        threading.Thread(target=self._warm_up, name="zoo-warm-up", daemon=True).start()
+
+    def _warm_up(self) -> None:
+        started = time.perf_counter()
+        for s in [*self.generators.values(), *self.classifiers.values()]:
+            s.warm_up()
+        log.info("models ready after %.1fs warm-up", time.perf_counter() - started)
+        self.ready.set()
+
+    def stop(self) -> None:
+        for s in [*self.generators.values(), *self.classifiers.values()]:
+            s.stop()
+
+    # plumbing
+    def endpoint(self, route: str, handler, protected: bool = True):
+        async def wrapped(request: Request):
+            started = time.perf_counter()
+            try:
+                if protected and self.config.api_key is not None:
+                    given = request.headers.get("authorization", "")
+                    expected = f"Bearer {self.config.api_key}"
+                    if not hmac.compare_digest(given.encode(), expected.encode()):
+                        raise APIError(401, "Incorrect API key provided: give 'Authorization: Bearer <key>'",
+                                       "authentication_error", code="invalid_api_key")
+                if route.startswith("/v1/") and request.method == "POST" and not self.ready.is_set():
+                    raise APIError(503, "the server is still loading models; retry shortly", "server_error",
+                                   code="not_ready", headers={"Retry-After": "1"})
+                response = await handler(request)
+            except APIError as e:
+                response = e.response()
+            except Exception:  # a bug: still an OpenAI-shaped 500, and logged
+                log.exception("error in %s", route)
+                response = APIError(500, "internal server error", "server_error").response()
+            self.metrics.requests.labels(route, str(response.status_code)).inc()
+            if not isinstance(response, StreamingResponse):
+                self.metrics.latency.labels(route).observe(time.perf_counter() - started)
+            return response
+
+        return wrapped
+
+    async def json_body(self, request: Request) -> dict:
+        limit = self.config.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise APIError(413, f"the request body is {declared} bytes; the limit is {limit}", code="body_too_large")
+        chunks, size = [], 0
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise APIError(413, f"the request body is over the {limit}-byte limit", code="body_too_large")
+                chunks.append(chunk)
+        except ClientDisconnect:
+            raise APIError(400, "the client went away while sending the body") from None
+        try:
+            body = json.loads(b"".join(chunks) or b"null")
+        except (ValueError, UnicodeDecodeError) as e:
+            raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+        return body
+
+    def model(self, body: dict, kind: str):
+        name = _field(body, "model", str, required=True, message="a model id (see GET /v1/models)")
+        table = self.generators if kind == "generate" else self.classifiers
+        if name not in table:
+            other = "text generation" if kind == "generate" else "image classification"
+            known = sorted(table) or ["none"]
+            raise APIError(404, f"The model '{name}' does not exist or does not do {other}; "
+                                f"models that do: {', '.join(known)}", param="model", code="model_not_found")
+        return name, table[name]
+
+    # routes
+    async def health(self, request: Request):
+        if not self.ready.is_set():
+            return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "1"})
+        return JSONResponse({"status": "ok", "models": sorted(self.models)})
+
+    async def metrics_route(self, request: Request):
+        return Response(self.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    async def list_models(self, request: Request):
+        data = [{"id": name, "object": "model", "created": self.created, "owned_by": "keras-zoo",
+                 "task": type(model).__name__,
+                 "max_model_len": self.generators[name].length if name in self.generators else None}
+                for name, model in self.models.items()]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def completions(self, request: Request):
+        return await self._generate(request, chat=False)
+
+    async def chat_completions(self, request: Request):
+        return await self._generate(request, chat=True)
+
+    async def _generate(self, request: Request, chat: bool):
+        body = await self.json_body(request)
+        name, scheduler = self.model(body, "generate")
+        limit = self.config.max_tokens or scheduler.length
+        params = _sampling(body, CHAT_FIELDS if chat else COMPLETION_FIELDS, limit)
+        tokenizer = scheduler.lm.tokenizer
+        try:
+            if chat:
+                messages = _field(body, "messages", list, required=True, check=bool, message="a non-empty list")
+                for i, m in enumerate(messages):
+                    if isinstance(m, dict) and isinstance(m.get("content"), list):  # [{"type": "text", "text": ...}]
+                        m = dict(m, content="".join(p.get("text", "") for p in m["content"] if isinstance(p, dict)))
+                        messages[i] = m
+                prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            else:
+                prompt = _field(body, "prompt", (str, list), required=True, message="a string")
+                if isinstance(prompt, list):
+                    if len(prompt) != 1 or not isinstance(prompt[0], str):
+                        raise APIError(400, "'prompt' must be a string (or a list holding one string)", param="prompt")
+                    prompt = prompt[0]
+                if not prompt:
+                    raise APIError(400, "'prompt' is empty", param="prompt")
+                prompt_ids = tokenizer.encode(prompt)
+        except (GenerationError, ZooError) as e:
+            raise APIError(400, str(e), param="messages" if chat else "prompt") from None
+        total = len(prompt_ids) + params["max_tokens"]
+        if total > scheduler.length:
+            raise APIError(400, f"This model's maximum context length is {scheduler.length} tokens. However, you "
+                                f"requested {total} tokens ({len(prompt_ids)} in the prompt, {params['max_tokens']} "
+                                "for the completion). Please reduce the prompt or max_tokens.",
+                           param="messages" if chat else "prompt", code="context_length_exceeded")
+        try:
+            stop_ids = () if params["ignore_eos"] else scheduler.lm.stop_token_ids
+            ticket = scheduler.submit(prompt_ids, params["max_tokens"], params["sampler"], stop_ids, params["stop"])
+        except QueueFull as e:
+            raise APIError(429, f"the server is at capacity ({e}); retry later", "rate_limit_error",
+                           code="queue_full", headers={"Retry-After": "1"}) from None
+        except GenerationError as e:
+            raise APIError(400, str(e)) from None
+        self.metrics.prompt_tokens.labels(name).inc(len(prompt_ids))
+        meta = dict(id=("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex, created=int(time.time()), model=name,
+                    object="chat.completion" if chat else "text_completion")
+        if params["stream"]:
+            return StreamingResponse(self._stream(request, name, scheduler, ticket, meta, chat, params["include_usage"]),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        text, finish = "", None
+        try:
+            async for event in self._events(request, name, scheduler, ticket):
+                text += event.text
+                finish = event.request.finish_reason if event.finished else finish
+        except asyncio.TimeoutError:
+            raise APIError(504, f"the request took longer than {self.config.request_timeout_s}s", "server_error",
+                           code="timeout") from None
+        if finish == "cancelled":  # the client went away; nobody reads this
+            return Response(status_code=499)
+        usage = _usage(ticket)
+        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
+                   "logprobs": None} if chat else {"index": 0, "text": text, "finish_reason": finish, "logprobs": None})
+        return JSONResponse({**meta, "choices": [choice], "usage": usage})
+
+    async def _events(self, request: Request, name: str, scheduler: GenerationScheduler, ticket):
+        """The ticket's events; cancels the request if the client disconnects or the deadline passes."""
+        deadline = ticket.submitted + self.config.request_timeout_s
+        first = True
+        try:
+            while True:
+                try:
+                    event = await asyncio.wait_for(ticket.queue.get(), timeout=0.25)
+                except asyncio.TimeoutError:
+                    if time.perf_counter() > deadline:
+                        raise
+                    if await request.is_disconnected():
+                        scheduler.cancel(ticket)
+                    continue
+                if not event.finished and time.perf_counter() > deadline:
+                    raise asyncio.TimeoutError
+                if event.token_id is not None:
+                    self.metrics.tokens.labels(name).inc()
+                    if first:
+                        self.metrics.ttft.labels(name).observe(time.perf_counter() - ticket.submitted)
+                        first = False
+                yield event
+                if event.finished:
+                    return
+        finally:
+            if not ticket.request.finished:
+                scheduler.cancel(ticket)
+
+    async def _stream(self, request, name, scheduler, ticket, meta, chat: bool, include_usage: bool):
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        started = ticket.submitted
+
+        def chunk(text: str | None, finish: str | None, role: bool = False) -> str:
+            if chat:
+                delta = ({"role": "assistant", "content": ""} if role else {} if text is None else {"content": text})
+                choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+            else:
+                choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+            return "data: " + json.dumps({**meta, "object": obj, "choices": [choice]}) + "\n\n"
+
+        try:
+            if chat:
+                yield chunk(None, None, role=True)
+            async for event in self._events(request, name, scheduler, ticket):
+                if event.finished:
+                    reason = event.request.finish_reason
+                    if reason == "cancelled":
+                        return
+                    if event.text:
+                        yield chunk(event.text, None)
+                    yield chunk(None, reason)
+                elif event.text:
+                    yield chunk(event.text, None)
+            if include_usage:
+                yield "data: " + json.dumps({**meta, "object": obj, "choices": [], "usage": _usage(ticket)}) + "\n\n"
+            yield "data: [DONE]\n\n"
+        except asyncio.TimeoutError:
+            error = {"message": f"the request took longer than {self.config.request_timeout_s}s", "type": "server_error",
+                     "param": None, "code": "timeout"}
+            yield "data: " + json.dumps({"error": error}) + "\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            self.metrics.latency.labels("/v1/chat/completions" if chat else "/v1/completions").observe(
+                time.perf_counter() - started)
+
+    async def classify(self, request: Request):
+        content_type = request.headers.get("content-type", "")
+        if content_type.startswith("multipart/form-data"):
+            declared = request.headers.get("content-length")
+            if declared and declared.isdigit() and int(declared) > self.config.max_body_bytes:
+                raise APIError(413, f"the request body is {declared} bytes; the limit is {self.config.max_body_bytes}",
+                               code="body_too_large")
+            try:
+                form = await request.form(max_files=self.config.max_images, max_part_size=self.config.max_body_bytes)
+            except Exception as e:
+                raise APIError(400, f"cannot read the multipart form: {e}") from None
+            body = {"model": form.get("model"), "top_k": int(form["top_k"]) if str(form.get("top_k", "")).isdigit()
+                    else form.get("top_k")}
+            blobs = [await f.read() for key in ("image", "images") for f in form.getlist(key) if hasattr(f, "read")]
+            if not blobs:
+                raise APIError(400, "upload at least one file in the 'image' field", param="image")
+        else:
+            body = await self.json_body(request)
+            unknown = sorted(set(body) - {"model", "images", "image", "top_k"})
+            if unknown:
+                raise APIError(400, f"Unrecognized request argument supplied: {', '.join(unknown)}", param=unknown[0])
+            images = body.get("images", [body["image"]] if "image" in body else None)
+            if not isinstance(images, list) or not images or not all(isinstance(i, str) for i in images):
+                raise APIError(400, "'images' must be a non-empty list of base64-encoded image files", param="images")
+            blobs = []
+            for i, data in enumerate(images):
+                try:
+                    blobs.append(base64.b64decode(data.split(",", 1)[-1] if data.startswith("data:") else data,
+                                                  validate=True))
+                except (binascii.Error, ValueError):
+                    raise APIError(400, f"images[{i}] is not valid base64", param="images") from None
+        name, scheduler = self.model(body, "classify")
+        top_k = _field(body, "top_k", int, 5, check=lambda v: v > 0, message="a positive integer")
+        if len(blobs) > self.config.max_images:
+            raise APIError(400, f"{len(blobs)} images; at most {self.config.max_images} per request", param="images")
+        images = []
+        for i, blob in enumerate(blobs):
+            images.append(_decode_image(blob, i))
+        try:
+            results = await scheduler.submit(images, top_k)
+        except QueueFull as e:
+            raise APIError(429, f"the server is at capacity ({e}); retry later", "rate_limit_error",
+                           code="queue_full", headers={"Retry-After": "1"}) from None
+        except (ImageError, ZooError) as e:
+            raise APIError(400, str(e), param="images") from None
+        return JSONResponse({"object": "list", "model": name,
+                             "data": [{"index": i, "labels": labels} for i, labels in enumerate(results)]})
+
+
+def _decode_image(blob: bytes, index: int):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        image = Image.open(io.BytesIO(blob))
+        image.load()
+        return image
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise APIError(400, f"images[{index}] cannot be decoded as an image: {e}", param="images") from None
+
+
+def _usage(ticket) -> dict:
+    prompt, completion = len(ticket.request.prompt_ids), len(ticket.request.tokens)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def create_app(models: dict, config: ServerConfig | None = None) -> Starlette:
+    """The Starlette app serving `models` ({name: task object}); its schedulers start with the app."""
+    config = config or ServerConfig()
+    server = Server(models, config)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        server.start()
+        try:
+            yield
+        finally:
+            await asyncio.get_running_loop().run_in_executor(None, server.stop)
+
+    e = server.endpoint
+    routes = [
+        Route("/health", e("/health", server.health, protected=False), methods=["GET"]),
+        Route("/metrics", e("/metrics", server.metrics_route), methods=["GET"]),
+        Route("/v1/models", e("/v1/models", server.list_models), methods=["GET"]),
+        Route("/v1/completions", e("/v1/completions", server.completions), methods=["POST"]),
+        Route("/v1/chat/completions", e("/v1/chat/completions", server.chat_completions), methods=["POST"]),
+        Route("/v1/classify", e("/v1/classify", server.classify), methods=["POST"]),
+    ]
+
+    async def not_found(request, exc):
+        status = getattr(exc, "status_code", 404)
+        message = "Method not allowed" if status == 405 else f"no route {request.url.path}"
+        return APIError(status, message, code="not_found" if status == 404 else None).response()
+
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: not_found, 405: not_found})
+    app.state.server = server
+    return app
+
+
+def serve(app: Starlette, config: ServerConfig) -> None:
+    """Runs the app under uvicorn until interrupted; in-flight requests finish before it exits."""
+    import uvicorn
+
+    uvicorn.run(app, host=config.host, port=config.port, log_level="info", timeout_graceful_shutdown=30)
