@@ -11,7 +11,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from zoo.generation import GenerationEngine, Sampler, bucket
+from zoo.generation import GenerationEngine, bucket
 
 
 class QueueFull(Exception):
@@ -57,12 +57,9 @@ class GenerationScheduler:
         self._thread.join(timeout=5)
 
     def warm_up(self) -> None:
-        """Compiles the prefill and decode steps before the server says it is ready."""
-        request = self.engine.submit([self.lm.tokenizer.bos_token_id or 0, 1], 2, Sampler(), ())
-        with self._wake:
-            self._wake.notify()
-        while not request.finished:
-            time.sleep(0.01)
+        """Compiles every prefill shape and the decode step before the server says it is ready
+        (runs before any request is admitted: /v1 routes answer 503 until then)."""
+        self.engine.warm_up()
 
     def submit(self, prompt_ids, max_new_tokens, sampler, stop_ids, stop) -> Ticket:
         """Queues a request (raises QueueFull at the bound); events arrive on the ticket's queue."""

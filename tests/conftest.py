@@ -63,6 +63,7 @@ socket.socket.connect_ex = _guarded_connect_ex
 @pytest.fixture(autouse=True)
 def _isolated_caches(tmp_path_factory, monkeypatch):
     home = tmp_path_factory.mktemp("home")
+    monkeypatch.setenv("HOME", str(home))  # no real ~/.kaggle, ~/.cache/huggingface/token, ...
     monkeypatch.setenv("HF_HOME", str(home / "hf"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("KAGGLEHUB_CACHE", str(home / "kaggle"))

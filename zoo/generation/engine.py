@@ -116,6 +116,26 @@ class GenerationEngine:
             self.waiting.append(request)
         return request
 
+    def prefill_shapes(self) -> list[tuple[int, int]]:
+        """Every (batch, width) a prefill call of this engine can have: length buckets x batch buckets."""
+        widths = sorted({bucket(n, self.length) for n in range(1, self.length)})
+        batches = sorted({bucket(n, self.rows) if n > 1 else 1 for n in range(1, self.rows + 1)})
+        return [(b, w) for w in widths for b in batches]
+
+    def warm_up(self) -> None:
+        """Compiles the decode step and every prefill shape now, so no request waits for a compile.
+
+        Must run while the engine is idle (it writes throwaway rows into free slots' caches).
+        """
+        if not self.idle():
+            raise GenerationError("warm_up() needs an idle engine")
+        prefill, decode = self.model.compiled_steps()
+        for batch, width in self.prefill_shapes():
+            tokens = np.zeros((batch, width), np.int32)
+            slots = (np.arange(batch) % self.rows).astype(np.int32)
+            _, self.cache = prefill(tokens, np.ones((batch,), np.int32), slots, self.cache)
+        _, self.cache = decode(np.zeros((self.rows, 1), np.int32), np.zeros((self.rows,), np.int32), self.cache)
+
     def cancel(self, request: Request) -> None:
         """Stops a request; its slot is free for the next step."""
         request.cancelled = True
