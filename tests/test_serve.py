@@ -263,7 +263,7 @@ def test_malformed_bodies(running, models):
 
 
 def test_request_timeout(models):
-    r = Running(models, request_timeout_s=0.0)
+    r = Running(models, max_batch=4, request_timeout_s=0.0)
     try:
         body = {"model": "tiny-gemma", "prompt": "def", "max_tokens": 20, "ignore_eos": True}
         assert error_of(r.http.post("/v1/completions", json=body), 504)["code"] == "timeout"
@@ -276,7 +276,7 @@ def test_request_timeout(models):
 
 
 def test_api_key(models):
-    r = Running(models, api_key="s3cret")
+    r = Running(models, max_batch=4, api_key="s3cret")
     try:
         anonymous = httpx.Client(base_url=r.url, timeout=60)
         wrong = httpx.Client(base_url=r.url, timeout=60, headers={"Authorization": "Bearer nope"})
@@ -298,7 +298,7 @@ def test_api_key(models):
 
 
 def test_graceful_shutdown_finishes_in_flight_requests(models):
-    r = Running(models, max_batch=2)
+    r = Running(models, max_batch=4)
     body = {"model": "tiny-gemma", "prompt": "def", "max_tokens": 40, "temperature": 0, "stream": True,
             "ignore_eos": True}
     with r.http.stream("POST", "/v1/completions", json=body) as response:
