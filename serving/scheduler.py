@@ -28,33 +28,49 @@ class Ticket:
     submitted: float = field(default_factory=time.perf_counter)
 
 
-class GenerationScheduler:
-    def __init__(self, lm, max_batch: int, max_queue: int, max_model_len: int, metrics=None, name: str = ""):
-        self.lm, self.max_queue, self.metrics, self.name = lm, max_queue, metrics, name
-        self.length = bucket(min(lm.config.max_position_embeddings, max_model_len), lm.config.max_position_embeddings)
-        self.engine = GenerationEngine(lm, max_batch, self.length)
-        self._tickets: dict[int, Ticket] = {}
+class _Worker:
+    """A daemon thread running `_loop`, woken through `_wake`, stopped once its work is done."""
+
+    def __init__(self, name: str):
         self._wake = threading.Condition()
         self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name=f"zoo-generate-{name}", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
 
-    @property
-    def rows(self) -> int:
-        return self.engine.rows
+    def _pending(self) -> bool:
+        raise NotImplementedError
 
-    def start(self) -> "GenerationScheduler":
+    def _loop(self) -> None:
+        raise NotImplementedError
+
+    def start(self):
         self._thread.start()
         return self
 
     def stop(self, timeout: float = 30.0) -> None:
         """Lets in-flight requests finish (up to `timeout`), then ends the worker thread."""
         deadline = time.monotonic() + timeout
-        while self._tickets and time.monotonic() < deadline:
+        while self._pending() and time.monotonic() < deadline:
             time.sleep(0.02)
         with self._wake:
             self._stopping = True
             self._wake.notify()
         self._thread.join(timeout=5)
+
+
+class GenerationScheduler(_Worker):
+    def __init__(self, lm, max_batch: int, max_queue: int, max_model_len: int, metrics=None, name: str = ""):
+        self.lm, self.max_queue, self.metrics, self.name = lm, max_queue, metrics, name
+        self.length = bucket(min(lm.config.max_position_embeddings, max_model_len), lm.config.max_position_embeddings)
+        self.engine = GenerationEngine(lm, max_batch, self.length)
+        self._tickets: dict[int, Ticket] = {}
+        super().__init__(f"zoo-generate-{name}")
+
+    @property
+    def rows(self) -> int:
+        return self.engine.rows
+
+    def _pending(self) -> bool:
+        return bool(self._tickets)
 
     def warm_up(self) -> None:
         """Compiles every prefill shape and the decode step before the server says it is ready
@@ -112,29 +128,17 @@ class _Job:
     loop: asyncio.AbstractEventLoop
 
 
-class ClassificationScheduler:
+class ClassificationScheduler(_Worker):
     """Runs concurrent classification requests together, up to `max_batch` images per call."""
 
     def __init__(self, classifier, max_batch: int, max_queue: int, wait_s: float = 0.005, metrics=None, name=""):
         self.classifier, self.max_batch, self.max_queue, self.wait_s = classifier, max_batch, max_queue, wait_s
         self.metrics, self.name = metrics, name
         self._jobs: list[_Job] = []
-        self._wake = threading.Condition()
-        self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name=f"zoo-classify-{name}", daemon=True)
+        super().__init__(f"zoo-classify-{name}")
 
-    def start(self) -> "ClassificationScheduler":
-        self._thread.start()
-        return self
-
-    def stop(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while self._jobs and time.monotonic() < deadline:
-            time.sleep(0.02)
-        with self._wake:
-            self._stopping = True
-            self._wake.notify()
-        self._thread.join(timeout=5)
+    def _pending(self) -> bool:
+        return bool(self._jobs)
 
     def warm_up(self) -> None:
         import numpy as np
