@@ -169,7 +169,10 @@ def _add_download(sub) -> None:
 def _serve(args) -> int:
     import logging
 
-    from zoo.serving import ServerConfig, create_app, load_models, serve
+    try:
+        from zoo.serving import ServerConfig, create_app, load_models, serve
+    except ImportError as e:
+        raise SystemExit(f"zoo serve needs the serving extra: pip install 'keras-zoo[serve]' ({e})") from None
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     config = ServerConfig(host=args.host, port=args.port, max_batch=args.max_batch, max_queue=args.max_queue,
