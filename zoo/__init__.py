@@ -26,9 +26,11 @@ def from_preset(preset, **kwargs):
     from zoo.models import registry
     from zoo.models.base import CONFIG_FILE, read_config
 
-    folder = hub.resolve(preset)
+    folder = hub.resolve(preset)  # once: a hub handle is not resolved (or downloaded) a second time
     fmt = registry.detect(read_config(folder), folder / CONFIG_FILE)
-    return getattr(sys.modules[__name__], fmt.task).from_preset(preset, **kwargs)
+    model = getattr(sys.modules[__name__], fmt.task).from_preset(folder, **kwargs)
+    model.source = hub.describe(preset, folder)
+    return model
 
 
 __all__ = [
