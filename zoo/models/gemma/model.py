@@ -20,7 +20,7 @@ from zoo import backend
 from zoo.errors import ConfigError, GenerationError
 from zoo.generation import GenerationEngine, bucket, samplers
 from zoo.layers import init, rotary
-from zoo.layers.dense import einsum_dense
+from zoo.layers.dense import einsum_dense, matmul_out_in
 from zoo.layers.norms import RMSNorm
 from zoo.models.base import PresetModel
 from zoo.models.gemma import checkpoint_map
@@ -201,8 +201,11 @@ class GemmaCausalLM(PresetModel):
         if self.lm_head is not None:
             logits = self.lm_head(hidden)
         else:
-            embeddings = ops.cast(self.backbone.embed_tokens.embeddings, hidden.dtype)
-            logits = ops.einsum("...d,vd->...v", hidden, embeddings)  # tied to the embedding
+            embeddings = ops.cast(self.backbone.embed_tokens.embeddings, hidden.dtype)  # tied to the embedding
+            if len(hidden.shape) == 2:  # the engine's steps: one hidden state per sequence
+                logits = matmul_out_in(hidden, embeddings)
+            else:
+                logits = ops.einsum("...d,vd->...v", hidden, embeddings)
         if self.config.final_logit_softcapping:
             cap = ops.cast(self.config.final_logit_softcapping, logits.dtype)
             logits = ops.tanh(logits / cap) * cap
