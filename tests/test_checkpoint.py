@@ -10,7 +10,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import zoo
-from zoo.checkpoint import Checkpoint, PendingTensor, parse_size, write_checkpoint
+from zoo.checkpoint import DTYPE_SIZES, Checkpoint, PendingTensor, numpy_dtype, parse_size, write_checkpoint
 from zoo.errors import (
     ConfigError,
     CorruptCheckpointError,
@@ -73,6 +73,32 @@ def test_reads_bfloat16_and_float16(tmp_path):
     assert (ckpt.tensors["a"].dtype, ckpt.tensors["b"].dtype) == ("BF16", "F16")
     np.testing.assert_allclose(ckpt.read("a").astype(np.float32), values, atol=2e-2)
     np.testing.assert_allclose(ckpt.read("b").astype(np.float32), values, atol=2e-3)
+
+
+def test_every_dtype_code_reads_as_its_numpy_type(tmp_path):
+    assert all(numpy_dtype(code).itemsize == size for code, size in DTYPE_SIZES.items())
+    rng = np.random.default_rng(0)
+    arrays = {  # odd byte counts first, so later tensors start at unaligned file offsets
+        "a_u8": rng.integers(0, 255, (3,), dtype=np.uint8), "b_bool": np.array([True, False, True]),
+        "c_i64": rng.integers(-9, 9, (2, 3)), "d_f16": rng.standard_normal((5,)).astype(np.float16),
+        "e_bf16": rng.standard_normal((4, 2)).astype(ml_dtypes.bfloat16),
+        "f_f8": rng.standard_normal((7,)).astype(ml_dtypes.float8_e4m3fn),
+        "g_f32": rng.standard_normal((3, 5)).astype(np.float32), "h_i32": rng.integers(-9, 9, (9,)).astype(np.int32),
+    }
+    save_file(arrays, tmp_path / "model.safetensors")
+    ckpt = Checkpoint.open(tmp_path)
+    for name, array in zip(arrays, ckpt._read_copies(tmp_path / "model.safetensors", list(arrays))):
+        assert array.dtype == arrays[name].dtype and array.shape == arrays[name].shape, name
+        np.testing.assert_array_equal(array.view(np.uint8), arrays[name].view(np.uint8))
+        assert array.ctypes.data % 64 == 0, f"{name} is not 64-byte aligned"  # XLA adopts it without a copy
+
+
+def test_file_cut_short_after_opening(folder):
+    ckpt = Checkpoint.open(folder)
+    path = folder / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(CorruptCheckpointError, match="model.safetensors: cannot read tensor .*file ends"):
+        list(ckpt._read_copies(path, list(ckpt.tensors)))
 
 
 def test_sharded_writer_and_reader(tmp_path):

@@ -1,10 +1,14 @@
 """Safetensors checkpoints in Hugging Face layout: listed from headers, read one tensor at a time.
 
 A folder holds either `model.safetensors` or shards named by `model.safetensors.index.json`.
-`Checkpoint.open` validates every header up front (so a truncated or lying file fails before
-any weight is touched) and `Checkpoint.read_many` streams tensors, re-opening the file every
-32 MB: safetensors maps the file, and the pages a read touches stay resident until the file
-is closed, so keeping it open throughout would hold a second copy of the weights.
+`Checkpoint.open` validates every header up front with the safetensors library (so a truncated
+or lying file fails before any weight is touched). `Checkpoint.read_many` streams tensors: on
+PyTorch as views of the file's mapping (the weights' storage, as transformers does), elsewhere
+read straight into fresh 64-byte-aligned buffers, one `readinto` each. JAX adopts such a buffer
+without copying it, so the file's bytes are copied once; reading through the safetensors
+library instead would copy them twice and keep the mapped pages resident (a second copy of the
+weights at the peak). The library has no call that reads into a buffer we give it, hence the
+few lines of our own here.
 """
 
 import itertools
@@ -42,6 +46,11 @@ class TensorInfo:
     file: Path
     shape: tuple[int, ...]
     dtype: str
+    offset: int = -1  # where its bytes start in the file
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPE_SIZES[self.dtype]
 
 
 class Checkpoint:
@@ -78,50 +87,45 @@ class Checkpoint:
                     )
             names = header if expected_names is None else expected_names
             for name in names:
-                shape, dtype = header[name]
-                tensors[name] = TensorInfo(name, path, shape, dtype)
+                shape, dtype, offset = header[name]
+                tensors[name] = TensorInfo(name, path, shape, dtype, offset)
         return cls(folder, tensors)
 
     def read(self, name: str) -> np.ndarray:
         """Returns one tensor as a NumPy array (bfloat16 through ml_dtypes)."""
         return next(self.read_many([name]))
 
-    def read_many(self, names: list[str], reopen_every: int = 32 * 2**20) -> Iterator[np.ndarray]:
+    def read_many(self, names: list[str]) -> Iterator[np.ndarray]:
         """Yields the tensors in order, each an array the caller owns.
 
         Where the backend can keep the file's mapping as the weights' storage (PyTorch), the
-        arrays are views of that mapping. Otherwise each is a fresh copy, and a file stays open
-        for at most `reopen_every` bytes of reads: the mapped pages a read touches stay resident
-        until the file is closed, so this bounds that second copy.
+        arrays are views of that mapping. Otherwise each is read into a fresh aligned buffer.
         """
         from zoo import backend
 
         for file, group in itertools.groupby(names, key=lambda n: self.tensors[n].file):
             group = list(group)
             mapped = backend.read_mapped(file, group)
-            yield from mapped if mapped is not None else self._read_copies(group, reopen_every)
+            yield from mapped if mapped is not None else self._read_copies(file, group)
 
-    def _read_copies(self, names: list[str], reopen_every: int) -> Iterator[np.ndarray]:
-        handle, handle_file, since_open = None, None, 0
-        try:
+    def _read_copies(self, file: Path, names: list[str]) -> Iterator[np.ndarray]:
+        with open(file, "rb", buffering=0) as handle:
             for name in names:
                 info = self.tensors[name]
-                if handle is None or info.file != handle_file or since_open >= reopen_every:
-                    if handle is not None:
-                        handle.__exit__(None, None, None)
-                    handle = safe_open(info.file, framework="numpy").__enter__()
-                    handle_file, since_open = info.file, 0
+                buffer = aligned_empty(info.nbytes)
                 try:
-                    array = handle.get_tensor(name)
-                except (SafetensorError, OSError) as e:
+                    handle.seek(info.offset)
+                    view, done = memoryview(buffer), 0
+                    while done < info.nbytes:
+                        got = handle.readinto(view[done:])
+                        if not got:
+                            raise OSError(f"the file ends {info.nbytes - done} bytes into the tensor's data")
+                        done += got
+                except OSError as e:
                     raise CorruptCheckpointError(
                         f"{info.file.name}: cannot read tensor {name!r} (expected {info.dtype} {info.shape}): {e}"
                     ) from e
-                since_open += array.nbytes
-                yield array
-        finally:
-            if handle is not None:
-                handle.__exit__(None, None, None)
+                yield buffer.view(numpy_dtype(info.dtype)).reshape(info.shape)
 
     @property
     def files(self) -> list[Path]:
@@ -163,17 +167,40 @@ def _no_weights_message(folder: Path) -> str:
     )
 
 
-def _read_header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Name -> (shape, dtype) from a file's header, validated by the safetensors library."""
+ALIGNMENT = 64  # what XLA:CPU needs to adopt a host buffer without copying it
+
+
+def aligned_empty(nbytes: int) -> np.ndarray:
+    """An uninitialised uint8 buffer of nbytes whose data starts on a 64-byte boundary."""
+    raw = np.empty(nbytes + ALIGNMENT, np.uint8)
+    start = -raw.ctypes.data % ALIGNMENT
+    return raw[start : start + nbytes]
+
+
+def numpy_dtype(code: str):
+    """The NumPy dtype of a safetensors dtype code (bfloat16 and float8 through ml_dtypes)."""
+    import ml_dtypes
+
+    special = {"BF16": ml_dtypes.bfloat16, "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
+               "BOOL": np.bool_}
+    if code in special:
+        return np.dtype(special[code])
+    return np.dtype(f"<{code[0].lower()}{int(code[1:]) // 8}")  # "F32" -> "<f4", "I64" -> "<i8"
+
+
+def _read_header(path: Path) -> dict[str, tuple[tuple[int, ...], str, int]]:
+    """Name -> (shape, dtype, byte offset in the file), the header validated by the safetensors library."""
     try:
         with safe_open(path, framework="numpy") as f:
-            header = {}
-            for name in f.keys():
-                sl = f.get_slice(name)
-                header[name] = (tuple(sl.get_shape()), sl.get_dtype())
-            return header
-    except (SafetensorError, OSError) as e:
+            names = list(f.keys())
+            header = {name: (tuple(f.get_slice(name).get_shape()), f.get_slice(name).get_dtype()) for name in names}
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            raw = json.loads(f.read(length))
+    except (SafetensorError, OSError, ValueError) as e:
         raise CorruptCheckpointError(_diagnose(path, e)) from e
+    start = 8 + length
+    return {name: (shape, dtype, start + raw[name]["data_offsets"][0]) for name, (shape, dtype) in header.items()}
 
 
 def _diagnose(path: Path, error: Exception) -> str:
