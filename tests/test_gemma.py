@@ -149,6 +149,42 @@ def test_requests_join_and_leave_a_running_batch(models):
     assert engine.idle()
 
 
+def test_decode_steps_cover_only_the_rows_in_use(models):
+    """A step decodes rows [0, highest busy slot] rounded up to a power of two, and tokens stay as alone."""
+    lm = models["gemma2"]
+    texts = {"def add": 3, "import numpy": 12, "for": 12, "class": 6}
+    alone = {}
+    single = lm.engine(1, 64)
+    for text, n in texts.items():
+        r = single.submit(lm.tokenizer.encode(text), n, stop_ids=())
+        for _ in single.run([r]):
+            pass
+        alone[text] = r.tokens
+    engine = lm.engine(4, 64)
+    decode = lm.compiled_steps()[1]
+    rows_seen = []
+
+    def spy(tokens, positions, cache):
+        rows_seen.append(len(tokens))
+        return decode(tokens, positions, cache)
+
+    lm._compiled[lm.torch_mode] = (lm.compiled_steps()[0], spy)
+    try:
+        first = [engine.submit(lm.tokenizer.encode(t), texts[t], stop_ids=()) for t in ("def add", "import numpy", "for")]
+        for _ in engine.run(first):
+            pass
+        assert [r.slot for r in first] == [0, 1, 2]
+        assert rows_seen[0] == 4 and set(rows_seen) == {4}  # slot 2 stays busy until the end
+        rows_seen.clear()
+        last = engine.submit(lm.tokenizer.encode("class"), texts["class"], stop_ids=())
+        for _ in engine.run([last]):
+            pass
+        assert last.slot == 0 and set(rows_seen) == {1}  # alone in the lowest slot: batch-1 steps
+    finally:
+        lm._compiled[lm.torch_mode] = (lm.compiled_steps()[0], decode)
+    assert [r.tokens for r in (*first, last)] == [alone[t] for t in ("def add", "import numpy", "for", "class")]
+
+
 def test_generate_and_stream_text(models):
     lm = models["gemma"]
     text = lm.generate("def add(a, b):", max_new_tokens=16)

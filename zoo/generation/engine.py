@@ -5,6 +5,9 @@ A request waits in a queue until a slot is free; at the next step boundary it is
 batch. Every step decodes one token for every busy slot; a request leaves when it meets a stop
 rule or is cancelled, and its slot is reused at once. Each slot attends only to its own cache
 row at its own positions, so a request's tokens do not depend on what else runs beside it.
+Requests take the lowest free slots, and a step decodes only the first rows up to the highest
+busy one (rounded up to a power of two): one request alone in an 8-slot engine costs a batch-1
+step, not a batch-8 one.
 
 The engine is model-agnostic: it needs `model.compiled_steps()` (prefill and decode, see
 GemmaCausalLM) and `model.backbone.empty_cache(rows, length)`; with `model.tokenizer` set it also
@@ -122,6 +125,13 @@ class GenerationEngine:
         batches = sorted({bucket(n, self.rows) if n > 1 else 1 for n in range(1, self.rows + 1)})
         return [(b, w) for w in widths for b in batches]
 
+    def decode_rows(self) -> list[int]:
+        """Every number of rows a decode call of this engine can have: 1, 2, 4, ... up to `rows`."""
+        return sorted({self._rows_for(n) for n in range(1, self.rows + 1)})
+
+    def _rows_for(self, n: int) -> int:
+        return min(self.rows, 1 << (n - 1).bit_length())
+
     def warm_up(self) -> None:
         """Compiles the decode step and every prefill shape now, so no request waits for a compile.
 
@@ -134,7 +144,8 @@ class GenerationEngine:
             tokens = np.zeros((batch, width), np.int32)
             slots = (np.arange(batch) % self.rows).astype(np.int32)
             _, self.cache = prefill(tokens, np.ones((batch,), np.int32), slots, self.cache)
-        _, self.cache = decode(np.zeros((self.rows, 1), np.int32), np.zeros((self.rows,), np.int32), self.cache)
+        for rows in self.decode_rows():
+            _, self.cache = decode(np.zeros((rows, 1), np.int32), np.zeros((rows,), np.int32), self.cache)
 
     def cancel(self, request: Request) -> None:
         """Stops a request; its slot is free for the next step."""
@@ -155,8 +166,9 @@ class GenerationEngine:
         events += self._admit()
         active = [r for r in self.slots if r is not None and not r.finished]
         if active:
-            tokens = np.zeros((self.rows, 1), np.int32)
-            positions = np.zeros((self.rows,), np.int32)
+            rows = self._rows_for(max(r.slot for r in active) + 1)  # decode rows [0, rows) of the cache
+            tokens = np.zeros((rows, 1), np.int32)
+            positions = np.zeros((rows,), np.int32)
             for r in active:
                 tokens[r.slot, 0], positions[r.slot] = r.tokens[-1], r.position
             logits, self.cache = self.model.compiled_steps()[1](tokens, positions, self.cache)

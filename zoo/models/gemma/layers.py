@@ -60,8 +60,9 @@ class GemmaAttention(keras.layers.Layer):
             keys = backend.write_slices(keys, *write_index, k)  # (B, S, k, h)
             values = backend.write_slices(values, *write_index, v)
             cache = (keys, values)
-            if read_cache:
-                k, v = keys, values
+            if read_cache:  # decoding the first b rows of the cache
+                b = x.shape[0]
+                k, v = (keys, values) if b == keys.shape[0] else (keys[:b], values[:b])
         return self.o_proj(self._attend(q, k, v, mask)), cache
 
     def _attend(self, q, k, v, mask):

@@ -91,10 +91,13 @@ class GemmaBackbone(PresetModel):
         return self._run_layers(self._embed(token_ids), positions, masks, cache, write_index, read_cache=False)
 
     def decode(self, token_ids, positions, cache):
-        """One token per cache row: token_ids (B, 1) at `positions` (B,) -> hidden (B, 1, d) and the cache."""
+        """One token for each of the first B cache rows: token_ids (B, 1) at `positions` (B,) -> hidden (B, 1, d), cache.
+
+        B may be fewer than the cache's rows; the rows beyond are neither read nor written.
+        """
         token_ids = ops.convert_to_tensor(token_ids, "int32")
         positions = ops.convert_to_tensor(positions, "int32")
-        rows, length = ops.shape(cache[0])[0], ops.shape(cache[0])[1]
+        rows, length = token_ids.shape[0], ops.shape(cache[0])[1]
         key_positions = ops.arange(length, dtype="int32")[None, None, :]  # (1, 1, S)
         masks = self._masks(positions[:, None, None], key_positions, None)
         write_index = (ops.arange(rows, dtype="int32"), positions)  # every row, at its own position
