@@ -232,6 +232,9 @@ def test_sampler_distribution():
     rng = np.random.default_rng(0)
     draws = np.bincount([Sampler(temperature=1.0, seed=0).choose(logits, rng) for _ in range(4000)], minlength=4) / 4000
     np.testing.assert_allclose(draws, [0.5, 0.3, 0.15, 0.05], atol=0.03)
+    hot = np.bincount([Sampler(temperature=2.0).choose(logits, rng) for _ in range(4000)], minlength=4) / 4000
+    expected = np.sqrt([0.5, 0.3, 0.15, 0.05])  # softmax(log p / 2) is proportional to sqrt(p)
+    np.testing.assert_allclose(hot, expected / expected.sum(), atol=0.03)
     top_p = {Sampler(temperature=1.0, top_p=0.7).choose(logits, rng) for _ in range(300)}
     assert top_p == {0, 1}  # 0.5 + 0.3 reaches 0.7
     assert {Sampler(temperature=1.0, top_k=1).choose(logits, rng) for _ in range(50)} == {0}

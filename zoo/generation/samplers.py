@@ -48,6 +48,10 @@ class Sampler:
         if self.greedy:
             return int(np.argmax(logits))  # the first maximum, as torch.argmax
         scores = logits.astype(np.float64) / self.temperature
+        if not self.top_k and self.top_p >= 1.0:  # the whole distribution: no ordering needed (a sort costs ~2 ms)
+            cumulative = np.cumsum(np.exp(scores - scores.max()))
+            index = int(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right"))
+            return min(index, len(cumulative) - 1)
         candidates = np.arange(scores.shape[-1])
         if self.top_k and self.top_k < scores.shape[-1]:
             candidates = np.argpartition(-scores, self.top_k - 1)[: self.top_k]
