@@ -4,6 +4,7 @@ Nothing else in keras-zoo names a backend.
 """
 
 import contextlib
+import functools
 
 import keras
 import numpy as np
@@ -28,6 +29,27 @@ def no_grad():
 
 def to_numpy(x) -> np.ndarray:
     return np.asarray(keras.ops.convert_to_numpy(x))
+
+
+# ----------------------------------------------------------------------------- Keras' predict
+
+
+def set_predict_compiler(model) -> None:
+    """Picks how an uncompiled model's `predict` runs where Keras' "auto" is not the fastest.
+
+    On TensorFlow, "auto" means XLA; on a CPU, TensorFlow's own oneDNN kernels run a ViT-B/16
+    forward pass ~12% faster (3.50 vs 3.13 img/s at batch 8, paired medians). `model.compile()`
+    still sets whatever the user asks for.
+    """
+    if NAME == "tensorflow" and not _tf_has_gpu():
+        model.jit_compile = False
+
+
+@functools.cache
+def _tf_has_gpu() -> bool:
+    import tensorflow as tf
+
+    return bool(tf.config.list_physical_devices("GPU"))
 
 
 # ----------------------------------------------------------------------------- loading weights

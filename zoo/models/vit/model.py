@@ -127,6 +127,7 @@ class ViTBackbone(PresetModel):
         ]
         self.layernorm = _layer_norm(config.layer_norm_eps, "layernorm", dt)
         self.build((None, *self.image_size, config.num_channels))
+        backend.set_predict_compiler(self)
 
     def build(self, input_shape):
         self.embeddings.build(input_shape)
@@ -193,6 +194,7 @@ class ViTImageClassifier(PresetModel):
         self.preprocessor = preprocessor or _default_preprocessor(config, self.backbone.image_size)
         self.fresh_head = False
         self.built = True
+        backend.set_predict_compiler(self)
 
     def call(self, pixel_values, training=False):
         hidden = self.backbone(pixel_values, training=training)  # (b, t, d)
