@@ -131,7 +131,14 @@ def _torch_read_mapped(path, names):
                 yield tensor.numpy()
 
 
-_PLACEHOLDERS = {"jax": _jax_placeholder, "torch": _torch_placeholder}
+def _tf_placeholder(shape, dtype):
+    import tensorflow as tf
+
+    # Uninitialised memory: a checkpoint value is about to overwrite every element.
+    return tf.raw_ops.Empty(shape=list(shape), dtype=tf.as_dtype(str(dtype)), init=False)
+
+
+_PLACEHOLDERS = {"jax": _jax_placeholder, "torch": _torch_placeholder, "tensorflow": _tf_placeholder}
 _TO_TENSOR = {"jax": _jax_to_tensor, "torch": _torch_to_tensor}
 def _tf_assign(variable, array):
     variable.value.assign(array)  # tf.Variable.assign converts the host array itself

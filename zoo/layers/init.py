@@ -1,8 +1,11 @@
 """Weight initialisers that can be skipped while a checkpoint is about to overwrite the weights.
 
 Building a 1 GB model with random initialisers costs seconds that `from_preset` would throw
-away. Inside `skip_init()` every `Skippable` initialiser returns the backend's cheapest zeros
-instead (`zoo.backend.placeholder`), the way transformers' `no_init_weights` does.
+away. Inside `skip_init()` every `Skippable` initialiser returns the backend's cheapest
+placeholder instead (`zoo.backend.placeholder`: untouched zero pages, or uninitialised memory on
+TensorFlow), the way transformers' `no_init_weights` does. The loader fills every such weight
+(it refuses a checkpoint that leaves one unfilled), and weights a model creates fresh are
+re-initialised after loading.
 """
 
 import contextlib
@@ -17,7 +20,7 @@ _SKIP = contextvars.ContextVar("zoo_skip_init", default=False)
 
 @contextlib.contextmanager
 def skip_init():
-    """Within this block, `Skippable` initialisers return zeros."""
+    """Within this block, `Skippable` initialisers return placeholders."""
     token = _SKIP.set(True)
     try:
         yield
@@ -27,7 +30,7 @@ def skip_init():
 
 @keras.saving.register_keras_serializable(package="zoo")
 class Skippable(keras.initializers.Initializer):
-    """Wraps an initialiser; yields zeros inside `skip_init()`."""
+    """Wraps an initialiser; yields a placeholder inside `skip_init()`."""
 
     def __init__(self, initializer="zeros"):
         self.initializer = keras.initializers.get(initializer)
