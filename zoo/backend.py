@@ -63,15 +63,13 @@ def _jax_placeholder(shape, dtype):
     # (JAX arrays are immutable and `assign` replaces them). `jnp.zeros` would compile and run
     # a fill per shape (1.2 s for a ViT) and write every page.
     import jax
-    import ml_dtypes
 
-    from zoo.checkpoint import ALIGNMENT
+    from zoo.checkpoint import aligned_empty
+    from zoo.layers.dtypes import host_dtype
 
-    np_dtype = np.dtype(ml_dtypes.bfloat16 if str(dtype) == "bfloat16" else dtype)
-    nbytes = int(np.prod(shape)) * np_dtype.itemsize
-    raw = np.zeros(nbytes + ALIGNMENT, np.uint8)
-    start = -raw.ctypes.data % ALIGNMENT
-    return jax.device_put(raw[start : start + nbytes].view(np_dtype).reshape(shape))
+    np_dtype = host_dtype(str(dtype))
+    buffer = aligned_empty(int(np.prod(shape)) * np_dtype.itemsize, zeroed=True)
+    return jax.device_put(buffer.view(np_dtype).reshape(shape))
 
 
 def _torch_placeholder(shape, dtype):

@@ -170,9 +170,12 @@ def _no_weights_message(folder: Path) -> str:
 ALIGNMENT = 64  # what XLA:CPU needs to adopt a host buffer without copying it
 
 
-def aligned_empty(nbytes: int) -> np.ndarray:
-    """An uninitialised uint8 buffer of nbytes whose data starts on a 64-byte boundary."""
-    raw = np.empty(nbytes + ALIGNMENT, np.uint8)
+def aligned_empty(nbytes: int, zeroed: bool = False) -> np.ndarray:
+    """A uint8 buffer of nbytes whose data starts on a 64-byte boundary, uninitialised unless `zeroed`.
+
+    Zeroed buffers are calloc'ed: their pages cost nothing until written.
+    """
+    raw = (np.zeros if zeroed else np.empty)(nbytes + ALIGNMENT, np.uint8)
     start = -raw.ctypes.data % ALIGNMENT
     return raw[start : start + nbytes]
 

@@ -19,6 +19,7 @@ import numpy as np
 from zoo import backend
 from zoo.checkpoint import Checkpoint, PendingTensor, TensorInfo
 from zoo.errors import CheckpointError, MissingWeightsError, ShapeMismatchError, UnexpectedWeightsError
+from zoo.layers.dtypes import host_dtype
 
 Shape = tuple[int, ...]
 
@@ -190,16 +191,10 @@ def load(assignments: list[Assignment], checkpoint: Checkpoint, weights: dict) -
         for path, part, shape in zip(a.targets, parts, shapes):
             variable = weights[path]
             value = transform.forward(part, shape)
-            if value.dtype != _numpy_dtype(variable.dtype):
-                value = value.astype(_numpy_dtype(variable.dtype))
+            if value.dtype != host_dtype(variable.dtype):
+                value = value.astype(host_dtype(variable.dtype))
             backend.set_value(variable, value)
         del array, parts
-
-
-def _numpy_dtype(dtype: str):
-    import ml_dtypes
-
-    return ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
 
 
 def export(rows: list[Row], weights: dict) -> list[PendingTensor]:
@@ -220,7 +215,7 @@ def export(rows: list[Row], weights: dict) -> list[PendingTensor]:
                 parts = [transform.inverse(keras.ops.convert_to_numpy(v.value)) for v in variables]
                 return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
 
-            nbytes = sum(math.prod(v.shape) * np.dtype(_numpy_dtype(v.dtype)).itemsize for v in variables)
+            nbytes = sum(math.prod(v.shape) * host_dtype(v.dtype).itemsize for v in variables)
             pending.append(PendingTensor(name, nbytes, produce))
     return pending
 
