@@ -142,3 +142,20 @@ def test_tokenisation_needs_no_tensorflow(json_folder):
             "loaded = sorted({'tensorflow', 'torch'} & set(sys.modules))\n"
             "assert not loaded, loaded\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120, env=dict(os.environ, KERAS_BACKEND="jax"))
+
+
+class _ByteTokenizer:
+    """Token i is byte i; invalid bytes decode to one U+FFFD each, as byte-fallback decoders do."""
+
+    def decode(self, ids):
+        text = bytes(ids).decode("utf-8", errors="surrogateescape")
+        return "".join("\ufffd" if "\udc80" <= c <= "\udcff" else c for c in text)
+
+
+def test_stream_holds_back_every_byte_of_an_incomplete_character():
+    from zoo.generation.text import TextStream
+
+    stream = TextStream(_ByteTokenizer())
+    pieces = [stream.push(b) for b in "a😀b".encode()]  # the emoji is 4 bytes: 3 incomplete steps
+    assert pieces == ["a", "", "", "", "😀", "b"]
+    assert "".join(pieces) + stream.finish() == stream.text == "a😀b"

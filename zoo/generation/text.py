@@ -42,8 +42,8 @@ class TextStream:
         self.text = text
         certain = len(text)
         if not final:
-            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
-                certain -= 1
+            # An incomplete UTF-8 sequence decodes to one or more U+FFFD: wait for the next token.
+            certain -= len(text) - len(text.rstrip("\ufffd"))
             for s in self.stop:  # hold back a tail that could begin a stop string
                 for n in range(min(len(s) - 1, len(text)), 0, -1):
                     if text.endswith(s[:n]):
