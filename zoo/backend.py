@@ -10,6 +10,7 @@ import keras
 import numpy as np
 
 NAME = keras.backend.backend()
+XLA = NAME in ("jax", "tensorflow")  # backends whose compiled steps XLA lowers
 
 
 
