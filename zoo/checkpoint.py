@@ -195,8 +195,8 @@ def _read_header(path: Path) -> dict[str, tuple[tuple[int, ...], str, int]]:
     """Name -> (shape, dtype, byte offset in the file), the header validated by the safetensors library."""
     try:
         with safe_open(path, framework="numpy") as f:
-            names = list(f.keys())
-            header = {name: (tuple(f.get_slice(name).get_shape()), f.get_slice(name).get_dtype()) for name in names}
+            slices = {name: f.get_slice(name) for name in f.keys()}
+            header = {name: (tuple(sl.get_shape()), sl.get_dtype()) for name, sl in slices.items()}
         with open(path, "rb") as f:
             (length,) = struct.unpack("<Q", f.read(8))
             raw = json.loads(f.read(length))
