@@ -109,9 +109,8 @@ def test_greedy_generation_matches_transformers(folders, models, variant):
     for _ in engine.run([request]):
         pass
     assert request.tokens == hf_greedy(reference(folders[variant]), prompt, NEW)
-    # Not one token repeated. (The fixture's tokenizer is trained per process and its merges vary
-    # between runs, so some runs give gemma3 a prompt whose greedy path settles on one token.)
-    assert len(set(request.tokens)) >= 2
+    # A varied sequence, not one token repeated: the comparison above must have something to compare.
+    assert len(set(request.tokens)) >= 3
 
 
 def test_batched_prompts_match_alone(folders, models):
