@@ -179,6 +179,23 @@ def test_keras_config_round_trip(hf_folders):
     np.testing.assert_array_equal(to_numpy(clone(x)), to_numpy(clf(x)))
 
 
+def test_lora_adapters_change_the_projections(hf_folders):
+    """Keras' enable_lora on our projections: the forward pass uses kernel + (alpha / rank) * A @ B."""
+    folder = hf_folders["odd_sizes"]
+    x = pixels(VARIANTS["odd_sizes"])
+    clf, merged = zoo.ViTImageClassifier.from_preset(folder), zoo.ViTImageClassifier.from_preset(folder)
+    rng = np.random.default_rng(1)
+    for layer, twin in ((clf.backbone.encoder_layers[0].fc1, merged.backbone.encoder_layers[0].fc1),
+                        (clf.backbone.encoder_layers[1].attention.q_proj, merged.backbone.encoder_layers[1].attention.q_proj)):
+        layer.enable_lora(2)
+        layer.lora_kernel_b.assign(rng.standard_normal(layer.lora_kernel_b.shape).astype("float32"))
+        twin.kernel.assign(to_numpy(layer.kernel))  # the merged kernel, as Keras defines it
+    assert np.abs(to_numpy(clf(x)) - hf_logits(folder, x)).max() > 10 * TOL  # the adapters are in use
+    np.testing.assert_allclose(to_numpy(clf(x)), to_numpy(merged(x)), atol=TOL, rtol=0)
+    trainable = {v.path for v in clf.trainable_weights}
+    assert "backbone/layers_0/fc1/lora_kernel_a" in trainable and "backbone/layers_0/fc1/kernel" not in trainable
+
+
 def test_generic_from_preset_picks_the_task(hf_folders):
     assert isinstance(zoo.from_preset(hf_folders["odd_sizes"]), zoo.ViTImageClassifier)
 

@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from zoo import backend
 from zoo.layers.dense import einsum_dense as projection
 
 
@@ -39,5 +40,5 @@ class SelfAttention(keras.layers.Layer):
             probs = self.attention_dropout(ops.softmax(scores, axis=-1), training=True)
             out = ops.einsum("bnts,bsnh->btnh", probs, v)  # (b, t, n, h)
         else:
-            out = ops.dot_product_attention(q, k, v, scale=self.head_dim**-0.5)  # (b, t, n, h)
+            out = backend.attention(q, k, v, self.head_dim**-0.5)  # (b, t, n, h)
         return self.o_proj(out)  # (b, t, d)
