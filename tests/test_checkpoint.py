@@ -3,6 +3,7 @@
 import json
 import shutil
 import struct
+import threading
 
 import ml_dtypes
 import numpy as np
@@ -112,6 +113,57 @@ def test_sharded_writer_and_reader(tmp_path):
         np.testing.assert_array_equal(ckpt.read(k), v)
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     assert index["metadata"]["total_size"] == 2000
+
+
+def _prefetch_threads():
+    return [t for t in threading.enumerate() if t.name == "zoo-checkpoint-prefetch"]
+
+
+@pytest.mark.parametrize("window", [None, 400, 1])
+def test_prefetch_serves_any_order_within_its_window(tmp_path, window):
+    arrays = {f"t{i}": np.full((10, 10), i, np.float32) for i in range(6)}
+    write_checkpoint(tmp_path, [PendingTensor(k, v.nbytes, lambda v=v: v) for k, v in arrays.items()], max_shard_size=850)
+    ckpt = Checkpoint.open(tmp_path)
+    ckpt.prefetch(max_bytes=window)
+    got = {}
+
+    def consume():  # files in reverse, tensors in reverse: the reader goes the other way
+        for file in reversed(ckpt.files):
+            names = sorted((n for n, t in ckpt.tensors.items() if t.file == file), reverse=True)
+            got.update(zip(names, ckpt._read_copies(file, names)))
+
+    consumer = threading.Thread(target=consume)
+    consumer.start()
+    consumer.join(timeout=60)
+    assert not consumer.is_alive(), "reading with a prefetch window deadlocked"
+    ckpt.stop_prefetch()
+    assert not _prefetch_threads()
+    for name, array in arrays.items():
+        np.testing.assert_array_equal(got[name], array)
+        assert got[name].ctypes.data % 64 == 0
+
+
+def test_prefetched_read_error_names_the_tensor(folder):
+    ckpt = Checkpoint.open(folder)
+    path = folder / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])
+    ckpt.prefetch()
+    try:
+        with pytest.raises(CorruptCheckpointError, match="model.safetensors: cannot read tensor .*file ends"):
+            list(ckpt._read_copies(path, list(ckpt.tensors)))
+    finally:
+        ckpt.stop_prefetch()
+    assert not _prefetch_threads()
+
+
+def test_from_preset_leaves_no_reader_behind(folder):
+    zoo.ViTImageClassifier.from_preset(folder)
+    assert not _prefetch_threads()
+    raw = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**raw, "intermediate_size": 41}))
+    with pytest.raises(ShapeMismatchError):
+        zoo.ViTImageClassifier.from_preset(folder)
+    assert not _prefetch_threads()
 
 
 def test_parse_size():

@@ -201,6 +201,21 @@ def to_tensor(array: np.ndarray):
     return convert(array) if convert else keras.ops.convert_to_tensor(array)
 
 
+def maps_checkpoints() -> bool:
+    """Whether `read_mapped` serves this backend (weights backed by the file's mapping, nothing to read ahead)."""
+    return NAME in _READ_MAPPED
+
+
+def adopts_host_buffers() -> bool:
+    """Whether `set_value` makes a fresh host array the weight's own storage (no copy), so reading
+    a whole checkpoint ahead of the assignments never holds a second copy of the weights."""
+    if NAME == "jax":
+        import jax
+
+        return jax.default_backend() == "cpu"
+    return NAME == "torch"
+
+
 def read_mapped(path, names):
     """Tensors of one safetensors file as arrays backed by its mapping, or None if the backend copies anyway."""
     read = _READ_MAPPED.get(NAME)

@@ -8,7 +8,8 @@ read straight into fresh 64-byte-aligned buffers, one `readinto` each. JAX adopt
 without copying it, so the file's bytes are copied once; reading through the safetensors
 library instead would copy them twice and keep the mapped pages resident (a second copy of the
 weights at the peak). The library has no call that reads into a buffer we give it, hence the
-few lines of our own here.
+few lines of our own here. `Checkpoint.prefetch` moves those reads to a background thread, so
+that they overlap the building of the model (`from_preset` starts it before the layers exist).
 """
 
 import itertools
@@ -17,6 +18,7 @@ import math
 import os
 import re
 import struct
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +67,7 @@ class Checkpoint:
     def __init__(self, folder: Path, tensors: dict[str, TensorInfo]):
         self.folder = folder
         self.tensors = tensors
+        self._prefetch: _Prefetcher | None = None
 
     @classmethod
     def open(cls, folder: str | os.PathLike) -> "Checkpoint":
@@ -99,7 +102,8 @@ class Checkpoint:
         """Yields the tensors in order, each an array the caller owns.
 
         Where the backend can keep the file's mapping as the weights' storage (PyTorch), the
-        arrays are views of that mapping. Otherwise each is read into a fresh aligned buffer.
+        arrays are views of that mapping. Otherwise each is read into a fresh aligned buffer, or
+        taken from the background reader if `prefetch` started one.
         """
         from zoo import backend
 
@@ -111,21 +115,29 @@ class Checkpoint:
     def _read_copies(self, file: Path, names: list[str]) -> Iterator[np.ndarray]:
         with open(file, "rb", buffering=0) as handle:
             for name in names:
-                info = self.tensors[name]
-                buffer = aligned_empty(info.nbytes)
-                try:
-                    handle.seek(info.offset)
-                    view, done = memoryview(buffer), 0
-                    while done < info.nbytes:
-                        got = handle.readinto(view[done:])
-                        if not got:
-                            raise OSError(f"the file ends {info.nbytes - done} bytes into the tensor's data")
-                        done += got
-                except OSError as e:
-                    raise CorruptCheckpointError(
-                        f"{info.file.name}: cannot read tensor {name!r} (expected {info.dtype} {info.shape}): {e}"
-                    ) from e
-                yield buffer.view(numpy_dtype(info.dtype)).reshape(info.shape)
+                array = self._prefetch.take(name) if self._prefetch is not None else None
+                yield array if array is not None else _read_tensor(handle, self.tensors[name])
+
+    def prefetch(self, max_bytes: int | None = None) -> None:
+        """Starts reading every tensor into its own buffer on a background thread.
+
+        Reading (a copy from the page cache into fresh pages, which the kernel must fault in)
+        then overlaps the Python work of building the model. The thread stays at most
+        `max_bytes` ahead of what `read_many` has taken (None: no bound, for backends that adopt
+        the buffers as the weights themselves, so read-ahead is never a second copy). A tensor
+        the reader has not reached when asked for is read by the caller instead, so any order of
+        requests works. `stop_prefetch` ends the thread and drops what was not taken. (Pointless
+        where the backend maps the file instead: `read_many` then never asks the reader.)
+        """
+        if self._prefetch is not None:
+            return
+        order = sorted(self.tensors.values(), key=lambda t: (str(t.file), t.offset))
+        self._prefetch = _Prefetcher(order, max_bytes)
+
+    def stop_prefetch(self) -> None:
+        if self._prefetch is not None:
+            self._prefetch.stop()
+            self._prefetch = None
 
     @property
     def files(self) -> list[Path]:
@@ -133,6 +145,101 @@ class Checkpoint:
 
     def total_bytes(self) -> int:
         return sum(math.prod(t.shape) * DTYPE_SIZES.get(t.dtype, 4) for t in self.tensors.values())
+
+
+def _read_tensor(handle, info: TensorInfo) -> np.ndarray:
+    """One tensor's bytes, read from an open file into a fresh 64-byte-aligned buffer."""
+    buffer = aligned_empty(info.nbytes)
+    try:
+        handle.seek(info.offset)
+        view, done = memoryview(buffer), 0
+        while done < info.nbytes:
+            got = handle.readinto(view[done:])
+            if not got:
+                raise OSError(f"the file ends {info.nbytes - done} bytes into the tensor's data")
+            done += got
+    except OSError as e:
+        raise CorruptCheckpointError(
+            f"{info.file.name}: cannot read tensor {info.name!r} (expected {info.dtype} {info.shape}): {e}"
+        ) from e
+    return buffer.view(numpy_dtype(info.dtype)).reshape(info.shape)
+
+
+class _Prefetcher:
+    """A background thread reading tensors ahead of their use (see `Checkpoint.prefetch`).
+
+    `readinto` releases the GIL, so the copy runs on another core while the caller's
+    thread builds Keras layers. Errors are kept and raised by `take` for the tensor that failed.
+    """
+
+    def __init__(self, order: list[TensorInfo], max_bytes: int | None):
+        self._cond = threading.Condition()
+        self._ready: dict[str, np.ndarray | Exception] = {}
+        self._taken: set[str] = set()
+        self._ahead = 0  # bytes read and not yet taken
+        self._max_bytes = max_bytes
+        self._blocked = self._done = self._stopped = False
+        self._thread = threading.Thread(target=self._run, args=(order,), name="zoo-checkpoint-prefetch", daemon=True)
+        self._thread.start()
+
+    def _run(self, order: list[TensorInfo]) -> None:
+        try:
+            for file, group in itertools.groupby(order, key=lambda t: t.file):
+                with open(file, "rb", buffering=0) as handle:
+                    for info in group:
+                        if not self._wait_for_room(info):
+                            return
+                        try:
+                            result = _read_tensor(handle, info)
+                        except CorruptCheckpointError as e:
+                            result = e
+                        with self._cond:
+                            if self._stopped:
+                                return
+                            if info.name not in self._taken:
+                                self._ready[info.name] = result
+                                self._ahead += info.nbytes if not isinstance(result, Exception) else 0
+                            self._cond.notify_all()
+                        if isinstance(result, Exception):
+                            return
+        except OSError:
+            pass  # e.g. the file vanished: the caller's own read of each tensor reports it
+        finally:
+            with self._cond:
+                self._done = True
+                self._cond.notify_all()
+
+    def _wait_for_room(self, info: TensorInfo) -> bool:
+        """Blocks while the read-ahead is full; False once stopped or when the caller already took it."""
+        with self._cond:
+            while not self._stopped and self._max_bytes is not None and 0 < self._ahead \
+                    and self._ahead + info.nbytes > self._max_bytes:
+                self._blocked = True
+                self._cond.notify_all()
+                self._cond.wait()
+            self._blocked = False
+            return not self._stopped and info.name not in self._taken
+
+    def take(self, name: str) -> np.ndarray | None:
+        """The prefetched tensor, or None if the caller should read it itself (not reached yet)."""
+        with self._cond:
+            while name not in self._ready and not (self._done or self._blocked):
+                self._cond.wait()
+            self._taken.add(name)
+            result = self._ready.pop(name, None)
+            if isinstance(result, np.ndarray):
+                self._ahead -= result.nbytes
+            self._cond.notify_all()
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._ready.clear()
+            self._cond.notify_all()
+        self._thread.join()
 
 
 def _files_from_index(folder: Path) -> dict[Path, list[str]]:

@@ -12,11 +12,13 @@ import os
 from pathlib import Path
 
 import keras
+import numpy as np
 
-from zoo import hub
-from zoo.checkpoint import DEFAULT_MAX_SHARD_SIZE, Checkpoint, write_checkpoint
+from zoo import backend, hub
+from zoo.checkpoint import DEFAULT_MAX_SHARD_SIZE, Checkpoint, numpy_dtype, write_checkpoint
 from zoo.errors import ConfigError, PresetNotFoundError
 from zoo.key_map import export, load, plan, weights_by_path
+from zoo.layers.dtypes import host_dtype
 from zoo.layers.init import skip_init
 from zoo.models import registry
 
@@ -35,6 +37,23 @@ def read_config(folder: Path) -> dict:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a JSON object, got {type(raw).__name__}")
     return raw
+
+
+READ_AHEAD_BYTES = 64 * 1024**2
+
+
+def _read_ahead_limit(checkpoint: Checkpoint, dtype: str) -> int | None:
+    """How far the checkpoint may be read ahead of the assignments (None: no bound).
+
+    No bound when each buffer read ahead becomes its weight as it is: the backend adopts host
+    buffers and no tensor is wider than the weights (a cast to a narrower dtype would hold the
+    wider copy). Otherwise a bounded window, so that a cast or a copying backend never holds
+    the checkpoint and the weights at once.
+    """
+    width = np.dtype(host_dtype(keras.DTypePolicy(dtype).variable_dtype)).itemsize
+    if backend.adopts_host_buffers() and all(numpy_dtype(t.dtype).itemsize <= width for t in checkpoint.tensors.values()):
+        return None
+    return READ_AHEAD_BYTES
 
 
 class PresetModel(keras.Model):
@@ -62,12 +81,18 @@ class PresetModel(keras.Model):
             )
         config = fmt.read_config(raw)
         checkpoint = Checkpoint.open(folder)
-        with skip_init():
-            model = cls._from_folder(config, folder, dtype=dtype or config.dtype, **kwargs)
-        fresh = model._fresh_weights()
-        weights = {path: v for path, v in weights_by_path(model).items() if path not in fresh}
-        rows = model.key_map(model.config)
-        load(plan(rows, checkpoint, weights), checkpoint, weights)
+        dtype = dtype or config.dtype
+        if not backend.maps_checkpoints():
+            checkpoint.prefetch(_read_ahead_limit(checkpoint, dtype))  # reads while the layers are built
+        try:
+            with skip_init():
+                model = cls._from_folder(config, folder, dtype=dtype, **kwargs)
+            fresh = model._fresh_weights()
+            weights = {path: v for path, v in weights_by_path(model).items() if path not in fresh}
+            rows = model.key_map(model.config)
+            load(plan(rows, checkpoint, weights), checkpoint, weights)
+        finally:
+            checkpoint.stop_prefetch()
         model._after_load()
         model.source = hub.describe(preset, folder)
         return model
