@@ -65,13 +65,38 @@ def _torch_attention(q, k, v, scale):
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale).transpose(1, 2)
 
 
+def _attention(q, k, v, scale):
+    # Heads first, plain batched products, and the softmax's division after the product with v
+    # (on t x h values instead of t x s). XLA:CPU runs a ViT-B/16 layer's attention (batch 8) in
+    # 17.5 ms this way against 41 ms for keras.ops.dot_product_attention (jax.nn's einsums).
+    ops = keras.ops
+    q, k, v = (ops.transpose(x, (0, 2, 1, 3)) for x in (q, k, v))  # (b, n, t, h), (b, n, s, h)
+    scores = ops.matmul(q * ops.cast(scale, q.dtype), ops.transpose(k, (0, 1, 3, 2)))  # (b, n, t, s)
+    weights = ops.exp(scores - ops.max(scores, axis=-1, keepdims=True))  # unnormalised softmax
+    out = ops.matmul(weights, v) / ops.sum(weights, axis=-1, keepdims=True)  # (b, n, t, h)
+    return ops.transpose(out, (0, 2, 1, 3))  # (b, t, n, h)
+
+
 _ATTENTION = {"torch": _torch_attention}
 
 
 def attention(q, k, v, scale: float):
     """Unmasked attention over (b, t, n, h) queries and (b, s, n, h) keys and values -> (b, t, n, h)."""
-    make = _ATTENTION.get(NAME)
-    return make(q, k, v, scale) if make else keras.ops.dot_product_attention(q, k, v, scale=scale)
+    return _ATTENTION.get(NAME, _attention)(q, k, v, scale)
+
+
+def _gelu(x):
+    # The erf form, as PyTorch computes it. jax.nn.gelu's exact form goes through erfc, ~3x
+    # slower on XLA:CPU (9.7 vs 3.2 ms on a ViT-B/16 MLP activation at batch 8).
+    return 0.5 * x * (1.0 + keras.ops.erf(x * 0.7071067811865476))
+
+
+_GELU = {"torch": lambda x: keras.ops.gelu(x, approximate=False)}  # one fused kernel
+
+
+def gelu(x):
+    """Exact (erf) GELU."""
+    return _GELU.get(NAME, _gelu)(x)
 
 
 # ----------------------------------------------------------------------------- Keras' predict
