@@ -49,24 +49,21 @@ class EinsumDense(keras.layers.EinsumDense):
     def call(self, inputs, training=None):
         shape = ops.shape(inputs)
         kernel_shape = tuple(self.kernel.shape)
-        fused_bias = self.bias is not None and tuple(self.bias.shape) == (
-            kernel_shape[: self._num_out] if self._out_first else kernel_shape[self._num_contracted:])
+        bias = self.bias
         if self._out_first:
             out_shape, inner = kernel_shape[: self._num_out], math.prod(kernel_shape[self._num_out:])
             weight = ops.reshape(self.kernel, (math.prod(out_shape), inner))  # (f, d)
             x2d = ops.reshape(inputs, (-1, inner))  # (m, d)
-            if fused_bias:
-                x = backend.linear(x2d, weight, ops.reshape(self.bias, (-1,)), matmul_out_in)
+            if bias is not None and tuple(bias.shape) == out_shape:  # a bias per output: fused where it pays
+                x, bias = backend.linear(x2d, weight, ops.reshape(bias, (-1,)), matmul_out_in), None
             else:
                 x = matmul_out_in(x2d, weight)
         else:
             out_shape, inner = kernel_shape[self._num_contracted:], math.prod(kernel_shape[: self._num_contracted])
             x = ops.matmul(ops.reshape(inputs, (-1, inner)), ops.reshape(self.kernel, (inner, math.prod(out_shape))))
-            if fused_bias:
-                x = ops.add(x, ops.reshape(self.bias, (-1,)))
         x = ops.reshape(x, (*shape[: len(shape) - self._num_contracted], *out_shape))  # (b, t, *out)
-        if self.bias is not None and not fused_bias:
-            x = ops.add(x, self.bias)
+        if bias is not None:
+            x = ops.add(x, bias)
         return self.activation(x) if self.activation is not None else x
 
 
