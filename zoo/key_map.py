@@ -190,9 +190,9 @@ def load(assignments: list[Assignment], checkpoint: Checkpoint, weights: dict) -
         parts = np.split(array, np.cumsum(sizes)[:-1], axis=0) if len(shapes) > 1 else [array]
         for path, part, shape in zip(a.targets, parts, shapes):
             variable = weights[path]
-            value = transform.forward(part, shape)
-            if value.dtype != host_dtype(variable.dtype):
-                value = value.astype(host_dtype(variable.dtype))
+            value, dtype = transform.forward(part, shape), host_dtype(variable.dtype)
+            if value.dtype != dtype:
+                value = value.astype(dtype)
             backend.set_value(variable, value)
         del array, parts
 

@@ -12,10 +12,9 @@ import os
 from pathlib import Path
 
 import keras
-import numpy as np
 
 from zoo import backend, hub
-from zoo.checkpoint import DEFAULT_MAX_SHARD_SIZE, Checkpoint, numpy_dtype, write_checkpoint
+from zoo.checkpoint import DEFAULT_MAX_SHARD_SIZE, DTYPE_SIZES, Checkpoint, write_checkpoint
 from zoo.errors import ConfigError, PresetNotFoundError
 from zoo.key_map import export, load, plan, weights_by_path
 from zoo.layers.dtypes import host_dtype
@@ -50,8 +49,8 @@ def _read_ahead_limit(checkpoint: Checkpoint, dtype: str) -> int | None:
     wider copy). Otherwise a bounded window, so that a cast or a copying backend never holds
     the checkpoint and the weights at once.
     """
-    width = np.dtype(host_dtype(keras.DTypePolicy(dtype).variable_dtype)).itemsize
-    if backend.adopts_host_buffers() and all(numpy_dtype(t.dtype).itemsize <= width for t in checkpoint.tensors.values()):
+    width = host_dtype(keras.DTypePolicy(dtype).variable_dtype).itemsize
+    if backend.adopts_host_buffers() and all(DTYPE_SIZES[t.dtype] <= width for t in checkpoint.tensors.values()):
         return None
     return READ_AHEAD_BYTES
 
