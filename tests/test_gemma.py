@@ -186,6 +186,35 @@ def test_decode_steps_cover_only_the_rows_in_use(models):
     assert [r.tokens for r in (*first, last)] == [alone[t] for t in ("def add", "import numpy", "for", "class")]
 
 
+def test_generation_follows_new_adapters(folders):
+    """Steps compiled before enable_lora are made again: generation then uses the adapters."""
+    lm = zoo.GemmaCausalLM.from_preset(folders["gemma3"])  # its own copy: the adapters change it
+
+    def greedy_compiled(prompt):
+        engine = lm.engine(1, 64)
+        request = engine.submit(prompt, 8, stop_ids=())
+        for _ in engine.run([request]):
+            pass
+        return request.tokens
+
+    def greedy_eager(prompt):
+        ids = list(prompt)
+        for _ in range(8):
+            ids.append(int(np.argmax(to_numpy(lm(np.array([ids], np.int32)))[0, -1])))
+        return ids[len(prompt):]
+
+    prompt = lm.tokenizer.encode("def add(a, b):")
+    before = greedy_compiled(prompt)
+    rng = np.random.default_rng(3)
+    for layer in lm.backbone.decoder_layers:
+        layer.self_attn.q_proj.enable_lora(2)
+        b = layer.self_attn.q_proj.lora_kernel_b
+        b.assign(rng.standard_normal(b.shape).astype("float32"))
+    after = greedy_eager(prompt)
+    assert after != before  # the adapters change the greedy tokens, so a stale step would be caught
+    assert greedy_compiled(prompt) == after
+
+
 def test_generate_and_stream_text(models):
     lm = models["gemma"]
     text = lm.generate("def add(a, b):", max_new_tokens=16)

@@ -196,6 +196,29 @@ def test_lora_adapters_change_the_projections(hf_folders):
     assert "backbone/layers_0/fc1/lora_kernel_a" in trainable and "backbone/layers_0/fc1/kernel" not in trainable
 
 
+def test_predict_follows_assigned_weights_and_new_adapters(hf_folders):
+    """predict (a replayed trace on PyTorch) sees assigned values, enable_lora and new batch sizes."""
+    x = pixels(VARIANTS["odd_sizes"], batch=3)
+    clf = zoo.ViTImageClassifier.from_preset(hf_folders["odd_sizes"])
+    np.testing.assert_allclose(clf.predict_on_batch(x), to_numpy(clf(x)), atol=1e-5, rtol=0)
+    if keras.backend.backend() == "torch":
+        assert "_predict_trace" in clf.__dict__  # the trace served that call
+    before = clf.predict_on_batch(x)
+    fc1 = clf.backbone.encoder_layers[0].fc1
+    fc1.kernel.assign(to_numpy(fc1.kernel) * 2.0)
+    after = clf.predict_on_batch(x)
+    assert np.abs(after - before).max() > 10 * TOL
+    np.testing.assert_allclose(after, to_numpy(clf(x)), atol=1e-5, rtol=0)
+    q_proj = clf.backbone.encoder_layers[1].attention.q_proj
+    q_proj.enable_lora(2)
+    q_proj.lora_kernel_b.assign(np.random.default_rng(2).standard_normal(q_proj.lora_kernel_b.shape).astype("float32"))
+    adapted = clf.predict_on_batch(x)
+    assert np.abs(adapted - after).max() > 10 * TOL
+    np.testing.assert_allclose(adapted, to_numpy(clf(x)), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(clf.predict_on_batch(x[:1]), adapted[:1], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(clf.predict(x, batch_size=2, verbose=0), adapted, atol=1e-5, rtol=0)
+
+
 def test_generic_from_preset_picks_the_task(hf_folders):
     assert isinstance(zoo.from_preset(hf_folders["odd_sizes"]), zoo.ViTImageClassifier)
 

@@ -5,6 +5,7 @@ Nothing else in keras-zoo names a backend.
 
 import contextlib
 import functools
+import warnings
 
 import keras
 import numpy as np
@@ -302,6 +303,7 @@ def write_slices(cache, rows, starts, updates):
 # Each compiled callable is specialised to its input shapes; the engine bounds how many it makes.
 
 TORCH_MODES = ("trace", "eager", "compile")
+MAX_TRACES = 8  # input shapes kept traced per compiled callable (a generation engine needs a handful)
 
 
 def _jax(model, fn, cache_arg):
@@ -380,7 +382,7 @@ def _torch(model, fn, cache_arg, mode="trace"):
             with torch.no_grad():
                 return compiled(*args)
         return run
-    traced = {}
+    traced = {}  # by input shapes, oldest first
 
     def _torch_arg(a):
         if isinstance(a, (tuple, list)):
@@ -396,15 +398,26 @@ def _torch(model, fn, cache_arg, mode="trace"):
         if key not in traced:
             def plain(*a):  # trace refuses a bound method of a module (Keras layers are torch modules)
                 return fn(*a)
-            with _frozen(model):
-                traced[key] = torch.jit.trace(plain, args, check_trace=False, strict=False)
-            _strip_noop_casts(traced[key].graph)
+            with _frozen(model), warnings.catch_warnings():
+                # Shapes read while tracing are constants of this trace, which is keyed by them.
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                graph = torch.jit.trace(plain, args, check_trace=False, strict=False)
+            _strip_noop_casts(graph.graph)
+            if len(traced) >= MAX_TRACES:
+                traced.pop(next(iter(traced)))
+            traced[key] = graph
         with torch.no_grad():
             return traced[key](*args)
     return run
 
 
-def compile_step(model, fn, cache_arg: int, torch_mode: str = "trace"):
+def weights_signature(model) -> tuple:
+    """Changes when the model's set of weights does (e.g. `enable_lora` adds adapters): a compiled
+    callable made before then runs the old computation and must be made again."""
+    return tuple(id(v) for v in model.variables)
+
+
+def compile_step(model, fn, cache_arg: int | None, torch_mode: str = "trace"):
     """`fn` compiled for the current backend (see the module docstring)."""
     if NAME == "jax":
         return _jax(model, fn, cache_arg)

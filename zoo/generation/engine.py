@@ -9,8 +9,8 @@ Requests take the lowest free slots, and a step decodes only the first rows up t
 busy one (rounded up to a power of two): one request alone in an 8-slot engine costs a batch-1
 step, not a batch-8 one.
 
-The engine is model-agnostic: it needs `model.compiled_steps()` (prefill and decode, see
-GemmaCausalLM) and `model.backbone.empty_cache(rows, length)`; with `model.tokenizer` set it also
+The engine is model-agnostic: it needs `model.compiled_steps(refresh=False)` (prefill and decode,
+see GemmaCausalLM) and `model.backbone.empty_cache(rows, length)`; with `model.tokenizer` set it also
 turns tokens into text (and honours stop strings).
 """
 
@@ -139,7 +139,7 @@ class GenerationEngine:
         """
         if not self.idle():
             raise GenerationError("warm_up() needs an idle engine")
-        prefill, decode = self.model.compiled_steps()
+        prefill, decode = self.model.compiled_steps(refresh=True)
         for batch, width in self.prefill_shapes():
             tokens = np.zeros((batch, width), np.int32)
             slots = (np.arange(batch) % self.rows).astype(np.int32)
@@ -245,5 +245,6 @@ class GenerationEngine:
 
     def run(self, requests: list[Request]):
         """Steps until every request is finished, yielding each step's events."""
+        self.model.compiled_steps(refresh=True)
         while not all(r.finished for r in requests):
             yield from self.step()

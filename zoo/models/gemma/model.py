@@ -193,6 +193,7 @@ class GemmaCausalLM(PresetModel):
         self.stop_token_ids = frozenset(stop_token_ids if stop_token_ids is not None else config.eos_token_id)
         self.torch_mode = "trace"
         self._compiled = {}
+        self._compiled_for = None  # the weights_signature the compiled steps were made for
         self._engines = {}
         self.built = True
 
@@ -228,11 +229,18 @@ class GemmaCausalLM(PresetModel):
         hidden, cache = self.backbone.decode(token_ids, positions, cache)
         return ops.cast(self.logits(hidden[:, 0]), "float32"), cache
 
-    def compiled_steps(self):
+    def compiled_steps(self, refresh: bool = False):
         """(prefill, decode), compiled once per backend (and PyTorch mode) and shared by every engine.
 
-        `self.torch_mode` picks PyTorch's path: "trace" (default), "eager" or "compile".
+        `self.torch_mode` picks PyTorch's path: "trace" (default), "eager" or "compile". With
+        `refresh`, steps compiled before the set of weights changed (`enable_lora` adds adapters)
+        are dropped: they would go on computing without the new weights. Engines refresh once
+        per `run` and `warm_up`, not on every step (listing the weights costs ~0.5 ms).
         """
+        if refresh:
+            signature = backend.weights_signature(self)
+            if signature != self._compiled_for:
+                self._compiled, self._compiled_for = {}, signature
         if self.torch_mode not in self._compiled:
             self._compiled[self.torch_mode] = (
                 backend.compile_step(self, self.prefill_step, cache_arg=3, torch_mode=self.torch_mode),

@@ -110,6 +110,7 @@ class ViTBackbone(PresetModel):
     """
 
     family = "vit"
+    traced_predict = True
 
     def __init__(self, config: ViTConfig, image_size=None, hidden_dropout: float = 0.0, attention_dropout: float = 0.0,
                  **kwargs):
@@ -181,6 +182,7 @@ class ViTImageClassifier(PresetModel):
     """
 
     family = "vit"
+    traced_predict = True
 
     def __init__(self, config: ViTConfig, preprocessor: ImagePreprocessor | None = None, image_size=None,
                  hidden_dropout: float = 0.0, attention_dropout: float = 0.0, **kwargs):
