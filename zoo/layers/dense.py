@@ -61,10 +61,14 @@ class EinsumDense(keras.layers.EinsumDense):
         else:
             out_shape, inner = kernel_shape[self._num_contracted:], math.prod(kernel_shape[: self._num_contracted])
             x = ops.matmul(ops.reshape(inputs, (-1, inner)), ops.reshape(self.kernel, (inner, math.prod(out_shape))))
+        if bias is None and self.activation is not None:  # on the 2-D product, where a backend may fuse it
+            x = self.activation(x)
         x = ops.reshape(x, (*shape[: len(shape) - self._num_contracted], *out_shape))  # (b, t, *out)
         if bias is not None:
             x = ops.add(x, bias)
-        return self.activation(x) if self.activation is not None else x
+            if self.activation is not None:
+                x = self.activation(x)
+        return x
 
 
 SMALL_ROWS = 2
@@ -86,11 +90,12 @@ def matmul_out_in(x, weight):
     return ops.matmul(x, ops.transpose(weight))
 
 
-def einsum_dense(equation: str, output_shape, bias_axes: str | None, name: str, dtype=None) -> EinsumDense:
+def einsum_dense(equation: str, output_shape, bias_axes: str | None, name: str, dtype=None,
+                 activation=None) -> EinsumDense:
     return EinsumDense(equation, output_shape=output_shape, bias_axes=bias_axes, kernel_initializer=init.normal(),
-                       bias_initializer=init.zeros(), name=name, dtype=dtype)
+                       bias_initializer=init.zeros(), name=name, dtype=dtype, activation=activation)
 
 
-def linear(units: int, name: str, dtype=None, use_bias: bool = True) -> EinsumDense:
-    """A dense layer over the last axis with a PyTorch-layout kernel (units, in)."""
-    return einsum_dense("...d,fd->...f", (units,), "f" if use_bias else None, name, dtype)
+def linear(units: int, name: str, dtype=None, use_bias: bool = True, activation=None) -> EinsumDense:
+    """A dense layer over the last axis with a PyTorch-layout kernel (units, in), then `activation`."""
+    return einsum_dense("...d,fd->...f", (units,), "f" if use_bias else None, name, dtype, activation)

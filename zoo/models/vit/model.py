@@ -72,9 +72,9 @@ class ViTLayer(keras.layers.Layer):
         self.attention = SelfAttention(config.num_heads, config.head_dim, config.qkv_bias, attention_dropout,
                                        name="attention", dtype=dt)
         self.layernorm_after = _layer_norm(config.layer_norm_eps, "layernorm_after", dt)
-        self.fc1 = linear(config.intermediate_size, "fc1", dt)
+        # The activation inside fc1, applied to its 2-D product (TensorFlow fuses MatMul, BiasAdd, GELU).
+        self.fc1 = linear(config.intermediate_size, "fc1", dt, activation=activations.get(config.hidden_act))
         self.fc2 = linear(config.hidden_size, "fc2", dt)
-        self.act = activations.get(config.hidden_act)
         self.dropout = keras.layers.Dropout(hidden_dropout, dtype=dt) if hidden_dropout else None
         self.intermediate_size = config.intermediate_size
 
@@ -88,7 +88,7 @@ class ViTLayer(keras.layers.Layer):
 
     def call(self, x, training=False):
         x = x + self._drop(self.attention(self.layernorm_before(x), training=training), training)  # (b, t, d)
-        h = self.act(self.fc1(self.layernorm_after(x)))  # (b, t, f)
+        h = self.fc1(self.layernorm_after(x))  # (b, t, f), activated
         return x + self._drop(self.fc2(h), training)  # (b, t, d)
 
 
