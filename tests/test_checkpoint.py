@@ -119,18 +119,24 @@ def _prefetch_threads():
     return [t for t in threading.enumerate() if t.name == "zoo-checkpoint-prefetch"]
 
 
+@pytest.mark.parametrize("order", ["reverse", "shuffled", "forward"])
 @pytest.mark.parametrize("window", [None, 400, 1])
-def test_prefetch_serves_any_order_within_its_window(tmp_path, window):
-    arrays = {f"t{i}": np.full((10, 10), i, np.float32) for i in range(6)}
-    write_checkpoint(tmp_path, [PendingTensor(k, v.nbytes, lambda v=v: v) for k, v in arrays.items()], max_shard_size=850)
+def test_prefetch_serves_any_order_within_its_window(tmp_path, window, order):
+    arrays = {f"t{i:02d}": np.full((10, 10), i, np.float32) for i in range(24)}
+    write_checkpoint(tmp_path, [PendingTensor(k, v.nbytes, lambda v=v: v) for k, v in arrays.items()], max_shard_size=2500)
     ckpt = Checkpoint.open(tmp_path)
     ckpt.prefetch(max_bytes=window)
     got = {}
+    rng = np.random.default_rng(len(order))
 
-    def consume():  # files in reverse, tensors in reverse: the reader goes the other way
-        for file in reversed(ckpt.files):
-            names = sorted((n for n, t in ckpt.tensors.items() if t.file == file), reverse=True)
+    def consume():  # the readers go through the files in order; the caller may not
+        files = reversed(ckpt.files) if order == "reverse" else ckpt.files
+        for file in files:
+            names = sorted(n for n, t in ckpt.tensors.items() if t.file == file)
+            names = names[::-1] if order == "reverse" else list(rng.permutation(names)) if order == "shuffled" else names
             got.update(zip(names, ckpt._read_copies(file, names)))
+        again = names[0]  # asked for twice: the second time the caller reads it itself
+        got[again + "/again"] = next(ckpt._read_copies(ckpt.tensors[again].file, [again]))
 
     consumer = threading.Thread(target=consume)
     consumer.start()
@@ -141,6 +147,8 @@ def test_prefetch_serves_any_order_within_its_window(tmp_path, window):
     for name, array in arrays.items():
         np.testing.assert_array_equal(got[name], array)
         assert got[name].ctypes.data % 64 == 0
+    again = next(k for k in got if k.endswith("/again"))
+    np.testing.assert_array_equal(got[again], arrays[again.split("/")[0]])
 
 
 def test_prefetched_read_error_names_the_tensor(folder):
