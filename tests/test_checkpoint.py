@@ -119,13 +119,14 @@ def _prefetch_threads():
     return [t for t in threading.enumerate() if t.name == "zoo-checkpoint-prefetch"]
 
 
+@pytest.mark.parametrize("threads", [1, 4])
 @pytest.mark.parametrize("order", ["reverse", "shuffled", "forward"])
 @pytest.mark.parametrize("window", [None, 400, 1])
-def test_prefetch_serves_any_order_within_its_window(tmp_path, window, order):
+def test_prefetch_serves_any_order_within_its_window(tmp_path, window, order, threads):
     arrays = {f"t{i:02d}": np.full((10, 10), i, np.float32) for i in range(24)}
     write_checkpoint(tmp_path, [PendingTensor(k, v.nbytes, lambda v=v: v) for k, v in arrays.items()], max_shard_size=2500)
     ckpt = Checkpoint.open(tmp_path)
-    ckpt.prefetch(max_bytes=window)
+    ckpt.prefetch(max_bytes=window, threads=threads)
     got = {}
     rng = np.random.default_rng(len(order))
 

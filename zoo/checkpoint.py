@@ -8,8 +8,8 @@ read straight into fresh 64-byte-aligned buffers, one `readinto` each. JAX adopt
 without copying it, so the file's bytes are copied once; reading through the safetensors
 library instead would copy them twice and keep the mapped pages resident (a second copy of the
 weights at the peak). The library has no call that reads into a buffer we give it, hence the
-few lines of our own here. `Checkpoint.prefetch` moves those reads to a background thread, so
-that they overlap the building of the model (`from_preset` starts it before the layers exist).
+few lines of our own here. `Checkpoint.prefetch` moves those reads to background threads, so
+that they overlap the building of the model (`from_preset` starts them before the layers exist).
 """
 
 import itertools
@@ -118,7 +118,7 @@ class Checkpoint:
                 array = self._prefetch.take(name) if self._prefetch is not None else None
                 yield array if array is not None else _read_tensor(handle, self.tensors[name])
 
-    def prefetch(self, max_bytes: int | None = None) -> None:
+    def prefetch(self, max_bytes: int | None = None, threads: int | None = None) -> None:
         """Starts reading every tensor into its own buffer on background threads.
 
         Reading (a copy from the page cache into fresh pages, which the kernel must fault in)
@@ -126,13 +126,18 @@ class Checkpoint:
         `max_bytes` ahead of what `read_many` has taken (None: no bound, for backends that adopt
         the buffers as the weights themselves, so read-ahead is never a second copy). A tensor
         the reader has not reached when asked for is read by the caller instead, so any order of
-        requests works. `stop_prefetch` ends the readers and drops what was not taken. (Pointless
+        requests works. `threads` readers (default: `READ_THREADS` without a bound, one within
+        one). `stop_prefetch` ends the readers and drops what was not taken. (Pointless
         where the backend maps the file instead: `read_many` then never asks the reader.)
         """
         if self._prefetch is not None:
             return
         order = sorted(self.tensors.values(), key=lambda t: (str(t.file), t.offset))
-        self._prefetch = _Prefetcher(order, max_bytes, READ_THREADS)
+        if threads is None:
+            # Within a window the caller's copies set the pace and extra readers only take its
+            # CPU (TensorFlow, ViT 1 GB: 2.8-3.3 s with one reader, 3.5-4.1 s with four).
+            threads = READ_THREADS if max_bytes is None else 1
+        self._prefetch = _Prefetcher(order, max_bytes, threads)
 
     def stop_prefetch(self) -> None:
         if self._prefetch is not None:
@@ -172,9 +177,9 @@ class _Prefetcher:
     """Background threads reading tensors ahead of their use (see `Checkpoint.prefetch`).
 
     `readinto` releases the GIL, so the copies run while the caller's thread builds Keras
-    layers. Several readers, because a read into fresh pages mostly waits for the kernel to
-    fault them in: on the 2-vCPU VM of benchmarks/RESULTS.md one reader copies 1 GB from the
-    page cache in 1.0-1.7 s, four in 0.4-0.6 s. Readers claim tensors in file order and reserve
+    layers. Without a window, several readers, because a read into fresh pages mostly waits for
+    the kernel to fault them in: on the 2-vCPU VM of benchmarks/RESULTS.md one reader copies 1 GB
+    from the page cache in 1.0-1.7 s, four in 0.4-0.6 s. Readers claim tensors in file order and reserve
     their bytes before reading, so the window bounds what is read or being read. Errors are
     kept and raised by `take` for the tensor that failed; the other readers then stop.
     """
