@@ -339,7 +339,7 @@ def _jax(model, fn, cache_arg):
         with keras.StatelessScope(state_mapping=list(zip(variables, values))):
             return fn(*args)
 
-    jitted = jax.jit(pure, donate_argnums=(cache_arg + 1,))
+    jitted = jax.jit(pure, donate_argnums=() if cache_arg is None else (cache_arg + 1,))
     return lambda *args: jitted([v.value for v in variables], *args)
 
 
