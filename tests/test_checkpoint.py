@@ -5,13 +5,16 @@ import shutil
 import struct
 import threading
 
+import keras
 import ml_dtypes
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
 import zoo
-from zoo.checkpoint import DTYPE_SIZES, Checkpoint, PendingTensor, numpy_dtype, parse_size, write_checkpoint
+from zoo import backend
+from zoo.checkpoint import (DTYPE_SIZES, Checkpoint, PendingTensor, aligned_empty, numpy_dtype, parse_size,
+                            write_checkpoint)
 from zoo.errors import (
     ConfigError,
     CorruptCheckpointError,
@@ -173,6 +176,50 @@ def test_from_preset_leaves_no_reader_behind(folder):
     with pytest.raises(ShapeMismatchError):
         zoo.ViTImageClassifier.from_preset(folder)
     assert not _prefetch_threads()
+
+
+def _storage_address(variable) -> int:
+    """Where the backend keeps the variable's values (on CPU)."""
+    value = variable.value
+    name = keras.backend.backend()
+    if name == "jax":
+        return value.unsafe_buffer_pointer()
+    if name == "torch":
+        return value.data_ptr()
+    return np.asarray(value.read_value()).ctypes.data  # ReadVariableOp on CPU hands out the variable's buffer
+
+
+def test_set_value_adopts_fresh_aligned_buffers_and_copies_the_rest():
+    import gc
+
+    def fresh(nbytes, offset=0):
+        return aligned_empty(nbytes + 64)[offset:offset + nbytes]
+
+    variable = keras.Variable(np.zeros((16, 8), "float32"))
+    aligned = fresh(16 * 8 * 4).view(np.float32).reshape(16, 8)
+    aligned[:] = np.arange(128, dtype=np.float32).reshape(16, 8)
+    address = aligned.ctypes.data
+    backend.set_value(variable, aligned)
+    assert _storage_address(variable) == address  # the buffer is the weight: no copy
+    del aligned
+    gc.collect()
+    np.testing.assert_array_equal(backend.to_numpy(variable.value), np.arange(128).reshape(16, 8))
+    variable.assign(variable.value + 1)  # a later update (an optimiser step) still works
+    np.testing.assert_array_equal(backend.to_numpy(variable.value), np.arange(1, 129).reshape(16, 8))
+
+    # Data that is not 64-byte aligned (TensorFlow would abort on it), a transposed view and
+    # bfloat16 (no NumPy DLPack) are copied in instead.
+    unaligned = fresh(16 * 8 * 4, offset=16).view(np.float32).reshape(16, 8)
+    unaligned[:] = 3.0
+    backend.set_value(variable, unaligned)
+    assert float(backend.to_numpy(keras.ops.sum(variable.value * 2.0))) == 768.0
+    transposed = np.arange(128, dtype=np.float32).reshape(8, 16).T
+    backend.set_value(variable, transposed)
+    np.testing.assert_array_equal(backend.to_numpy(variable.value), transposed)
+    half = keras.Variable(np.zeros((4, 2), "float32"), dtype="bfloat16")
+    values = np.arange(8, dtype=np.float32).reshape(4, 2)
+    backend.set_value(half, values.astype(ml_dtypes.bfloat16))
+    np.testing.assert_array_equal(backend.to_numpy(keras.ops.cast(half.value, "float32")), values)
 
 
 def test_parse_size():
