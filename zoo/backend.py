@@ -297,8 +297,9 @@ def read_ahead_threads(bounded: bool) -> int:
     A read into fresh pages mostly waits for the kernel to fault them in, so without a window
     JAX takes four readers (ViT 1 GB on 2 vCPUs: ~1.87 vs ~2.0 s; Gemma 177 MB: 0.44-0.62 vs
     0.59-0.71 s). TensorFlow's variable creation competes with them for the CPU: one reader
-    (1.25-1.44 s) against four (1.8-2.1 s). Within a window the caller's copies set the pace
-    and extra readers only take its CPU (TensorFlow: 2.8-3.3 s with one, 3.5-4.1 s with four).
+    (1.49-1.77 s) against four (1.88-2.18 s), alternating fresh processes. Within a window the
+    caller's copies set the pace and extra readers only take its CPU (TensorFlow: 2.8-3.3 s
+    with one, 3.5-4.1 s with four).
     """
     return 4 if NAME == "jax" and not bounded else 1
 

@@ -4,9 +4,9 @@ A folder holds either `model.safetensors` or shards named by `model.safetensors.
 `Checkpoint.open` validates every header up front with the safetensors library (so a truncated
 or lying file fails before any weight is touched). `Checkpoint.read_many` streams tensors: on
 PyTorch as views of the file's mapping (the weights' storage, as transformers does), elsewhere
-read straight into fresh 64-byte-aligned buffers, one `readinto` each. JAX and TensorFlow adopt
-such a buffer without copying it, so the file's bytes are copied once; reading through the safetensors
-library instead would copy them twice and keep the mapped pages resident (a second copy of the
+read straight into fresh 64-byte-aligned buffers, one `readinto` each. JAX and TensorFlow (on
+CPU) adopt such a buffer without copying it, so the file's bytes are copied once; reading
+through the safetensors library instead would copy them twice and keep the mapped pages resident (a second copy of the
 weights at the peak). The library has no call that reads into a buffer we give it, hence the
 few lines of our own here. `Checkpoint.prefetch` moves those reads to background threads, so
 that they overlap the building of the model (`from_preset` starts them before the layers exist).
@@ -126,10 +126,9 @@ class Checkpoint:
         `max_bytes` ahead of what `read_many` has taken (None: no bound, for backends that adopt
         the buffers as the weights themselves, so read-ahead is never a second copy). A tensor
         the reader has not reached when asked for is read by the caller instead, so any order of
-        requests works. `threads` readers (default: `backend.read_ahead_threads`), at a lower
-        priority than the caller's thread. `stop_prefetch` ends the readers and drops what was
-        not taken. (Pointless where the backend maps the file instead: `read_many` then never
-        asks the reader.)
+        requests works. `threads` readers (default: `backend.read_ahead_threads`).
+        `stop_prefetch` ends the readers and drops what was not taken. (Pointless where the
+        backend maps the file instead: `read_many` then never asks the reader.)
         """
         if self._prefetch is not None:
             return
@@ -171,19 +170,14 @@ def _read_tensor(handle, info: TensorInfo) -> np.ndarray:
     return buffer.view(numpy_dtype(info.dtype)).reshape(info.shape)
 
 
-READER_NICENESS = 10  # readers yield to the thread building the model
-
-
 class _Prefetcher:
     """Background threads reading tensors ahead of their use (see `Checkpoint.prefetch`).
 
     `readinto` releases the GIL, so the copies run while the caller's thread builds Keras
-    layers; the readers run at niceness `READER_NICENESS` so that this thread keeps its core
-    (TensorFlow, ViT 1 GB, one reader: 1.25-1.44 s against 1.49-1.63 s at the same priority).
-    Without a window, several readers may help, because a read into fresh pages mostly waits for
-    the kernel to fault them in: on the 2-vCPU VM of benchmarks/RESULTS.md one reader copies 1 GB
-    from the page cache in 1.0-1.7 s, four in 0.4-0.6 s. Readers claim tensors in file order and reserve
-    their bytes before reading, so the window bounds what is read or being read. Errors are
+    layers. Without a window, several readers may help, because a read into fresh pages mostly
+    waits for the kernel to fault them in: on the 2-vCPU VM of benchmarks/RESULTS.md one reader
+    copies 1 GB from the page cache in 1.0-1.7 s, four in 0.4-0.6 s. Readers claim tensors in
+    file order and reserve their bytes before reading, so the window bounds what is read or being read. Errors are
     kept and raised by `take` for the tensor that failed; the other readers then stop.
     """
 
@@ -226,10 +220,6 @@ class _Prefetcher:
 
     def _run(self) -> None:
         handles = {}
-        try:  # below the caller's thread, which builds the model meanwhile (Linux: niceness is per thread)
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), READER_NICENESS)
-        except (AttributeError, OSError):
-            pass
         try:
             while (info := self._claim()) is not None:
                 try:
