@@ -155,6 +155,25 @@ def test_prefetch_serves_any_order_within_its_window(tmp_path, window, order, th
     np.testing.assert_array_equal(got[again], arrays[again.split("/")[0]])
 
 
+@pytest.mark.parametrize("window", [None, 64])
+def test_prefetch_casts_floating_tensors_only_without_a_window(tmp_path, window):
+    values = np.arange(24, dtype=np.float32).reshape(4, 6)
+    arrays = {"a_bf16": values.astype(ml_dtypes.bfloat16), "b_f16": values.astype(np.float16), "c_f32": values,
+              "d_i32": values.astype(np.int32)}
+    save_file(arrays, tmp_path / "model.safetensors")
+    ckpt = Checkpoint.open(tmp_path)
+    ckpt.prefetch(max_bytes=window, threads=2, cast_to=np.float32)
+    try:
+        got = dict(zip(arrays, ckpt._read_copies(tmp_path / "model.safetensors", list(arrays))))
+    finally:
+        ckpt.stop_prefetch()
+    for name, array in got.items():
+        cast = window is None and name != "d_i32"  # the readers cast floats; a window leaves casts to the caller
+        assert array.dtype == (np.float32 if cast else arrays[name].dtype), name
+        np.testing.assert_array_equal(array.astype(np.float32), values)
+        assert array.ctypes.data % 64 == 0
+
+
 def test_prefetched_read_error_names_the_tensor(folder):
     ckpt = Checkpoint.open(folder)
     path = folder / "model.safetensors"
@@ -220,6 +239,16 @@ def test_set_value_adopts_fresh_aligned_buffers_and_copies_the_rest():
     values = np.arange(8, dtype=np.float32).reshape(4, 2)
     backend.set_value(half, values.astype(ml_dtypes.bfloat16))
     np.testing.assert_array_equal(backend.to_numpy(keras.ops.cast(half.value, "float32")), values)
+
+
+def test_cast_weights_land_in_buffers_the_backends_adopt():
+    from zoo.checkpoint import astype_aligned
+
+    half = np.arange(96, dtype=np.float32).reshape(8, 12).astype(ml_dtypes.bfloat16)
+    for source in (half, half.T):
+        cast = astype_aligned(source, "float32")
+        assert cast.ctypes.data % 64 == 0 and cast.flags.c_contiguous and cast.dtype == np.float32
+        np.testing.assert_array_equal(cast, source.astype(np.float32))
 
 
 def test_parse_size():

@@ -118,7 +118,7 @@ class Checkpoint:
                 array = self._prefetch.take(name) if self._prefetch is not None else None
                 yield array if array is not None else _read_tensor(handle, self.tensors[name])
 
-    def prefetch(self, max_bytes: int | None = None, threads: int | None = None) -> None:
+    def prefetch(self, max_bytes: int | None = None, threads: int | None = None, cast_to=None) -> None:
         """Starts reading every tensor into its own buffer on background threads.
 
         Reading (a copy from the page cache into fresh pages, which the kernel must fault in)
@@ -126,8 +126,9 @@ class Checkpoint:
         `max_bytes` ahead of what `read_many` has taken (None: no bound, for backends that adopt
         the buffers as the weights themselves, so read-ahead is never a second copy). A tensor
         the reader has not reached when asked for is read by the caller instead, so any order of
-        requests works. `threads` readers (default: `backend.read_ahead_threads`).
-        `stop_prefetch` ends the readers and drops what was not taken. (Pointless where the
+        requests works. `threads` readers (default: `backend.read_ahead_threads`). Without a
+        bound, `cast_to` (a NumPy dtype) has the readers cast floating-point tensors of another
+        floating dtype to it, off the caller's thread. `stop_prefetch` ends the readers and drops what was not taken. (Pointless where the
         backend maps the file instead: `read_many` then never asks the reader.)
         """
         if self._prefetch is not None:
@@ -137,7 +138,7 @@ class Checkpoint:
             from zoo import backend
 
             threads = backend.read_ahead_threads(bounded=max_bytes is not None)
-        self._prefetch = _Prefetcher(order, max_bytes, threads)
+        self._prefetch = _Prefetcher(order, max_bytes, threads, cast_to if max_bytes is None else None)
 
     def stop_prefetch(self) -> None:
         if self._prefetch is not None:
@@ -181,7 +182,7 @@ class _Prefetcher:
     kept and raised by `take` for the tensor that failed; the other readers then stop.
     """
 
-    def __init__(self, order: list[TensorInfo], max_bytes: int | None, threads: int):
+    def __init__(self, order: list[TensorInfo], max_bytes: int | None, threads: int, cast_to=None):
         self._cond = threading.Condition()
         self._order = order
         self._index = {info.name: i for i, info in enumerate(order)}
@@ -191,6 +192,7 @@ class _Prefetcher:
         self._taken: set[str] = set()
         self._ahead = 0  # bytes read or being read and not yet taken
         self._max_bytes = max_bytes
+        self._cast_to = None if cast_to is None else np.dtype(cast_to)
         self._waiting = 0  # readers blocked until the window has room
         self._running = threads
         self._stopped = self._failed = False
@@ -226,6 +228,8 @@ class _Prefetcher:
                     if info.file not in handles:
                         handles[info.file] = open(info.file, "rb", buffering=0)
                     result = _read_tensor(handles[info.file], info)
+                    if self._cast_to is not None and info.dtype.startswith(FLOAT_CODES) and result.dtype != self._cast_to:
+                        result = astype_aligned(result, self._cast_to)
                 except CorruptCheckpointError as e:
                     result = e
                 except OSError:
@@ -264,7 +268,7 @@ class _Prefetcher:
             self._taken.add(name)
             result = self._ready.pop(name, None)
             if isinstance(result, np.ndarray):
-                self._ahead -= result.nbytes
+                self._ahead -= self._order[self._index[name]].nbytes  # what its reader reserved
             self._cond.notify_all()
         if isinstance(result, Exception):
             raise result
@@ -322,6 +326,18 @@ def aligned_empty(nbytes: int, zeroed: bool = False) -> np.ndarray:
     raw = (np.zeros if zeroed else np.empty)(nbytes + ALIGNMENT, np.uint8)
     start = -raw.ctypes.data % ALIGNMENT
     return raw[start : start + nbytes]
+
+
+def astype_aligned(array: np.ndarray, dtype) -> np.ndarray:
+    """`array.astype(dtype)` into a fresh 64-byte-aligned buffer, which JAX and TensorFlow adopt as
+    it is (NumPy's own allocations are 16-byte aligned, so the backend would copy once more)."""
+    dtype = np.dtype(dtype)
+    out = aligned_empty(array.size * dtype.itemsize).view(dtype).reshape(array.shape)
+    np.copyto(out, array, casting="unsafe")
+    return out
+
+
+FLOAT_CODES = ("F", "BF")  # safetensors dtype codes of floating-point tensors: F16, F32, BF16, F8_E4M3...
 
 
 def numpy_dtype(code: str):

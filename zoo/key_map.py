@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from zoo import backend
-from zoo.checkpoint import Checkpoint, PendingTensor, TensorInfo
+from zoo.checkpoint import Checkpoint, PendingTensor, TensorInfo, astype_aligned
 from zoo.errors import CheckpointError, MissingWeightsError, ShapeMismatchError, UnexpectedWeightsError
 from zoo.layers.dtypes import host_dtype
 
@@ -192,7 +192,7 @@ def load(assignments: list[Assignment], checkpoint: Checkpoint, weights: dict) -
             variable = weights[path]
             value, dtype = transform.forward(part, shape), host_dtype(variable.dtype)
             if value.dtype != dtype:
-                value = value.astype(dtype)
+                value = astype_aligned(value, dtype)
             backend.set_value(variable, value)
         del array, parts
 

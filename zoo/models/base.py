@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import keras
+import numpy as np
 
 from zoo import backend, hub
 from zoo.checkpoint import DEFAULT_MAX_SHARD_SIZE, DTYPE_SIZES, Checkpoint, write_checkpoint
@@ -41,6 +42,10 @@ def read_config(folder: Path) -> dict:
 READ_AHEAD_BYTES = 64 * 1024**2
 
 
+def _weight_dtype(dtype: str) -> np.dtype:
+    return host_dtype(keras.DTypePolicy(dtype).variable_dtype)
+
+
 def _read_ahead_limit(checkpoint: Checkpoint, dtype: str) -> int | None:
     """How far the checkpoint may be read ahead of the assignments (None: no bound).
 
@@ -49,7 +54,7 @@ def _read_ahead_limit(checkpoint: Checkpoint, dtype: str) -> int | None:
     wider copy). Otherwise a bounded window, so that a cast or a copying backend never holds
     the checkpoint and the weights at once.
     """
-    width = host_dtype(keras.DTypePolicy(dtype).variable_dtype).itemsize
+    width = _weight_dtype(dtype).itemsize
     if backend.adopts_host_buffers() and all(DTYPE_SIZES[t.dtype] <= width for t in checkpoint.tensors.values()):
         return None
     return READ_AHEAD_BYTES
@@ -116,7 +121,8 @@ class PresetModel(keras.Model):
         checkpoint = Checkpoint.open(folder)
         dtype = dtype or config.dtype
         if not backend.maps_checkpoints():
-            checkpoint.prefetch(_read_ahead_limit(checkpoint, dtype))  # reads while the layers are built
+            # Reads (and casts) while the layers are built.
+            checkpoint.prefetch(_read_ahead_limit(checkpoint, dtype), cast_to=_weight_dtype(dtype))
         try:
             with skip_init():
                 model = cls._from_folder(config, folder, dtype=dtype, **kwargs)
