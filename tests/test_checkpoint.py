@@ -187,14 +187,26 @@ def test_prefetched_read_error_names_the_tensor(folder):
     assert not _prefetch_threads()
 
 
-def test_from_preset_leaves_no_reader_behind(folder):
+def test_from_preset_leaves_no_reader_behind_and_the_collector_as_it_was(folder):
+    import gc
+
     zoo.ViTImageClassifier.from_preset(folder)
-    assert not _prefetch_threads()
+    assert not _prefetch_threads() and gc.isenabled()
     raw = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**raw, "intermediate_size": 41}))
     with pytest.raises(ShapeMismatchError):
         zoo.ViTImageClassifier.from_preset(folder)
-    assert not _prefetch_threads()
+    assert not _prefetch_threads() and gc.isenabled()
+    (folder / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ConfigError, match="smaller than patch_size"):  # raised while the layers are built
+        zoo.ViTImageClassifier.from_preset(folder, image_size=(4, 4))
+    assert not _prefetch_threads() and gc.isenabled()
+    gc.disable()
+    try:
+        zoo.ViTImageClassifier.from_preset(folder)
+        assert not gc.isenabled()  # a user's choice is kept
+    finally:
+        gc.enable()
 
 
 def _storage_address(variable) -> int:
