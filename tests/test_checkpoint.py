@@ -1,6 +1,7 @@
 """The safetensors reader/writer and the key-map loader: formats, transforms, and every error path."""
 
 import json
+import mmap
 import shutil
 import struct
 import threading
@@ -13,8 +14,8 @@ from safetensors.numpy import load_file, save_file
 
 import zoo
 from zoo import backend
-from zoo.checkpoint import (DTYPE_SIZES, Checkpoint, PendingTensor, aligned_empty, numpy_dtype, parse_size,
-                            write_checkpoint)
+from zoo.checkpoint import (DTYPE_SIZES, MAPPED_BYTES, Checkpoint, PendingTensor, aligned_empty, numpy_dtype,
+                            parse_size, write_checkpoint)
 from zoo.errors import (
     ConfigError,
     CorruptCheckpointError,
@@ -220,27 +221,34 @@ def _storage_address(variable) -> int:
     return np.asarray(value.read_value()).ctypes.data  # ReadVariableOp on CPU hands out the variable's buffer
 
 
-def test_set_value_adopts_fresh_aligned_buffers_and_copies_the_rest():
+@pytest.mark.parametrize("rows", [16, MAPPED_BYTES // 32], ids=["small", "mapped"])
+def test_set_value_adopts_fresh_aligned_buffers_and_copies_the_rest(rows):
     import gc
 
     def fresh(nbytes, offset=0):
         return aligned_empty(nbytes + 64)[offset:offset + nbytes]
 
-    variable = keras.Variable(np.zeros((16, 8), "float32"))
-    aligned = fresh(16 * 8 * 4).view(np.float32).reshape(16, 8)
-    aligned[:] = np.arange(128, dtype=np.float32).reshape(16, 8)
+    big = aligned_empty(MAPPED_BYTES, zeroed=True)
+    assert isinstance(big.base.obj, mmap.mmap) and not big.any()  # a mapping of ordinary pages, zero-filled
+    expected = np.arange(rows * 8, dtype=np.float32).reshape(rows, 8)
+    variable = keras.Variable(np.zeros((rows, 8), "float32"))
+    aligned = fresh(rows * 8 * 4).view(np.float32).reshape(rows, 8)
+    aligned[:] = expected
     address = aligned.ctypes.data
+    assert address % 64 == 0
     backend.set_value(variable, aligned)
     assert _storage_address(variable) == address  # the buffer is the weight: no copy
     del aligned
     gc.collect()
-    np.testing.assert_array_equal(backend.to_numpy(variable.value), np.arange(128).reshape(16, 8))
+    np.testing.assert_array_equal(backend.to_numpy(variable.value), expected)
     variable.assign(variable.value + 1)  # a later update (an optimiser step) still works
-    np.testing.assert_array_equal(backend.to_numpy(variable.value), np.arange(1, 129).reshape(16, 8))
+    np.testing.assert_array_equal(backend.to_numpy(variable.value), expected + 1)
 
-    # Data that is not 64-byte aligned (TensorFlow would abort on it), a transposed view and
-    # bfloat16 (no NumPy DLPack) are copied in instead.
-    unaligned = fresh(16 * 8 * 4, offset=16).view(np.float32).reshape(16, 8)
+
+def test_set_value_copies_unaligned_strided_and_bfloat16_arrays():
+    # TensorFlow would abort on data that is not 64-byte aligned; NumPy's DLPack has no bfloat16.
+    variable = keras.Variable(np.zeros((16, 8), "float32"))
+    unaligned = aligned_empty(16 * 8 * 4 + 64)[16:16 + 16 * 8 * 4].view(np.float32).reshape(16, 8)
     unaligned[:] = 3.0
     backend.set_value(variable, unaligned)
     assert float(backend.to_numpy(keras.ops.sum(variable.value * 2.0))) == 768.0
