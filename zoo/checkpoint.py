@@ -6,9 +6,9 @@ or lying file fails before any weight is touched). `Checkpoint.read_many` stream
 PyTorch as views of the file's mapping (the weights' storage, as transformers does), elsewhere
 read straight into fresh 64-byte-aligned buffers, one `readinto` each. JAX and TensorFlow (on
 CPU) adopt such a buffer without copying it, so the file's bytes are copied once; reading
-through the safetensors library instead would copy them twice and keep the mapped pages resident (a second copy of the
-weights at the peak). The library has no call that reads into a buffer we give it, hence the
-few lines of our own here. `Checkpoint.prefetch` moves those reads to background threads, so
+through the safetensors library instead would copy them twice and keep the mapped pages
+resident (a second copy of the weights at the peak). The library has no call that reads into
+a buffer we give it, hence the few lines of our own here. `Checkpoint.prefetch` moves those reads to background threads, so
 that they overlap the building of the model (`from_preset` starts them before the layers exist).
 """
 
@@ -129,8 +129,9 @@ class Checkpoint:
         the reader has not reached when asked for is read by the caller instead, so any order of
         requests works. `threads` readers (default: `backend.read_ahead_threads`). Without a
         bound, `cast_to` (a NumPy dtype) has the readers cast floating-point tensors of another
-        floating dtype to it, off the caller's thread. `stop_prefetch` ends the readers and drops what was not taken. (Pointless where the
-        backend maps the file instead: `read_many` then never asks the reader.)
+        floating dtype to it, off the caller's thread. `stop_prefetch` ends the readers and
+        drops what was not taken. (Pointless where the backend maps the file instead:
+        `read_many` then never asks the reader.)
         """
         if self._prefetch is not None:
             return
@@ -179,8 +180,9 @@ class _Prefetcher:
     layers. Without a window, several readers may help, because a read into fresh pages mostly
     waits for the kernel to fault them in: on the 2-vCPU VM of benchmarks/RESULTS.md one reader
     copies 1 GB from the page cache in 1.0-1.7 s, four in 0.4-0.6 s. Readers claim tensors in
-    file order and reserve their bytes before reading, so the window bounds what is read or being read. Errors are
-    kept and raised by `take` for the tensor that failed; the other readers then stop.
+    file order and reserve their bytes before reading, so the window bounds what is read or
+    being read. Errors are kept and raised by `take` for the tensor that failed; the other
+    readers then stop.
     """
 
     def __init__(self, order: list[TensorInfo], max_bytes: int | None, threads: int, cast_to=None):
@@ -229,8 +231,9 @@ class _Prefetcher:
                     if info.file not in handles:
                         handles[info.file] = open(info.file, "rb", buffering=0)
                     result = _read_tensor(handles[info.file], info)
-                    if self._cast_to is not None and info.dtype.startswith(FLOAT_CODES) and result.dtype != self._cast_to:
-                        result = astype_aligned(result, self._cast_to)
+                    cast = self._cast_to
+                    if cast is not None and info.dtype.startswith(FLOAT_CODES) and result.dtype != cast:
+                        result = astype_aligned(result, cast)
                 except CorruptCheckpointError as e:
                     result = e
                 except OSError:
@@ -316,7 +319,7 @@ def _no_weights_message(folder: Path) -> str:
     )
 
 
-ALIGNMENT = 64  # what XLA:CPU needs to adopt a host buffer without copying it, and TensorFlow to use one at all
+ALIGNMENT = 64  # what XLA:CPU needs to adopt a host buffer without copying it; TensorFlow aborts on less
 
 
 MAPPED_BYTES = 4 * 2**20  # from this size on, buffers are anonymous mappings of ordinary pages
@@ -327,10 +330,10 @@ def aligned_empty(nbytes: int, zeroed: bool = False) -> np.ndarray:
 
     Zeroed buffers cost nothing until written (calloc'ed pages, or a fresh mapping). Large buffers
     are anonymous mappings rather than NumPy arrays, because NumPy asks for transparent huge pages
-    from 4 MiB on, and faulting those in is slower where each must be found and zeroed whole: a
-    1 GB checkpoint read on one thread took 1.23-1.56 s into NumPy's buffers and 0.81-0.89 s into
-    mappings on the VM of benchmarks/RESULTS.md, and matrix products over the weights ran no
-    slower from ordinary pages (1349/1366 vs 1297/1407 ms in two runs).
+    from 4 MiB on, and those were slower to fault in: a 1 GB checkpoint read on one thread took
+    1.23-1.56 s into NumPy's buffers and 0.81-0.89 s into mappings on the VM of
+    benchmarks/RESULTS.md, while products over the weights and decoding ran no slower from
+    ordinary pages (see RESULTS.md).
     """
     if nbytes >= MAPPED_BYTES:
         return np.frombuffer(mmap.mmap(-1, nbytes), np.uint8)  # page-aligned and zero-filled
