@@ -1,5 +1,6 @@
 """The safetensors reader/writer and the key-map loader: formats, transforms, and every error path."""
 
+import gc
 import json
 import mmap
 import shutil
@@ -14,8 +15,8 @@ from safetensors.numpy import load_file, save_file
 
 import zoo
 from zoo import backend
-from zoo.checkpoint import (DTYPE_SIZES, MAPPED_BYTES, Checkpoint, PendingTensor, aligned_empty, numpy_dtype,
-                            parse_size, write_checkpoint)
+from zoo.checkpoint import (DTYPE_SIZES, MAPPED_BYTES, Checkpoint, PendingTensor, aligned_empty, astype_aligned,
+                            numpy_dtype, parse_size, write_checkpoint)
 from zoo.errors import (
     ConfigError,
     CorruptCheckpointError,
@@ -189,8 +190,6 @@ def test_prefetched_read_error_names_the_tensor(folder):
 
 
 def test_from_preset_leaves_no_reader_behind_and_the_collector_as_it_was(folder):
-    import gc
-
     zoo.ViTImageClassifier.from_preset(folder)
     assert not _prefetch_threads() and gc.isenabled()
     raw = json.loads((folder / "config.json").read_text())
@@ -222,9 +221,7 @@ def _storage_address(variable) -> int:
 
 
 @pytest.mark.parametrize("rows", [16, MAPPED_BYTES // 32], ids=["small", "mapped"])
-def test_set_value_adopts_fresh_aligned_buffers_and_copies_the_rest(rows):
-    import gc
-
+def test_set_value_adopts_fresh_aligned_buffers(rows):
     def fresh(nbytes, offset=0):
         return aligned_empty(nbytes + 64)[offset:offset + nbytes]
 
@@ -262,8 +259,6 @@ def test_set_value_copies_unaligned_strided_and_bfloat16_arrays():
 
 
 def test_cast_weights_land_in_buffers_the_backends_adopt():
-    from zoo.checkpoint import astype_aligned
-
     half = np.arange(96, dtype=np.float32).reshape(8, 12).astype(ml_dtypes.bfloat16)
     for source in (half, half.T):
         cast = astype_aligned(source, "float32")
