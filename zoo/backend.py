@@ -295,11 +295,12 @@ def read_ahead_threads(bounded: bool) -> int:
     """How many threads should read a checkpoint ahead of the assignments (`Checkpoint.prefetch`).
 
     A read into fresh pages mostly waits for the kernel to fault them in, so without a window
-    JAX takes four readers (ViT 1 GB on 2 vCPUs: ~1.87 vs ~2.0 s; Gemma 177 MB: 0.44-0.62 vs
-    0.59-0.71 s). TensorFlow's variable creation competes with them for the CPU: one reader
-    (1.49-1.77 s) against four (1.88-2.18 s), alternating fresh processes. Within a window the
-    caller's copies set the pace and extra readers only take its CPU (TensorFlow: 2.8-3.3 s
-    with one, 3.5-4.1 s with four).
+    JAX takes four readers: `from_preset` of the 1 GB ViT on 2 vCPUs, alternating fresh
+    processes, 0.91-1.04 s with four, 0.89-1.09 s with two, 1.17-1.71 s with one. TensorFlow's
+    variable creation competes with them for the CPU: 1.41-1.67 s with one reader, 1.72-2.02 s
+    with two, 1.81-2.20 s with four. Within a window the caller's copies set the pace and extra
+    readers only take its CPU (TensorFlow, before it adopted buffers: 2.8-3.3 s with one,
+    3.5-4.1 s with four).
     """
     return 4 if NAME == "jax" and not bounded else 1
 

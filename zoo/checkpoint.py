@@ -8,8 +8,9 @@ read straight into fresh 64-byte-aligned buffers, one `readinto` each. JAX and T
 CPU) adopt such a buffer without copying it, so the file's bytes are copied once; reading
 through the safetensors library instead would copy them twice and keep the mapped pages
 resident (a second copy of the weights at the peak). The library has no call that reads into
-a buffer we give it, hence the few lines of our own here. `Checkpoint.prefetch` moves those reads to background threads, so
-that they overlap the building of the model (`from_preset` starts them before the layers exist).
+a buffer we give it, hence the few lines of our own here. `Checkpoint.prefetch` moves those
+reads to background threads, so that they overlap the building of the model (`from_preset`
+starts them before the layers exist).
 """
 
 import itertools
@@ -178,11 +179,10 @@ class _Prefetcher:
 
     `readinto` releases the GIL, so the copies run while the caller's thread builds Keras
     layers. Without a window, several readers may help, because a read into fresh pages mostly
-    waits for the kernel to fault them in: on the 2-vCPU VM of benchmarks/RESULTS.md one reader
-    copies 1 GB from the page cache in 1.0-1.7 s, four in 0.4-0.6 s. Readers claim tensors in
-    file order and reserve their bytes before reading, so the window bounds what is read or
-    being read. Errors are kept and raised by `take` for the tensor that failed; the other
-    readers then stop.
+    waits for the kernel to fault them in (`backend.read_ahead_threads` says how many each
+    backend takes). Readers claim tensors in file order and reserve their bytes before reading,
+    so the window bounds what is read or being read. Errors are kept and raised by `take` for
+    the tensor that failed; the other readers then stop.
     """
 
     def __init__(self, order: list[TensorInfo], max_bytes: int | None, threads: int, cast_to=None):

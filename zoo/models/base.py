@@ -67,9 +67,9 @@ def _collector_paused():
     """Python's cyclic garbage collector off while a model is built.
 
     Building Keras layers allocates enough objects to set off full collections, each a walk over
-    every object the imports left (~200k with JAX): building the 1 GB ViT of
-    benchmarks/RESULTS.md on JAX took 0.36-1.40 s with the collector on and 0.29-0.39 s with it off.
-    Nothing is lost: the collector runs again afterwards as before.
+    every object the imports left (~200k with JAX): building the 1 GB ViT of benchmarks/RESULTS.md
+    on JAX took 0.36-1.40 s with the collector on and 0.29-0.39 s with it off. Nothing is lost:
+    the collector runs again afterwards as before.
     """
     was_enabled = gc.isenabled()
     gc.disable()
