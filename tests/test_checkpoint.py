@@ -4,6 +4,7 @@ import gc
 import json
 import mmap
 import shutil
+import sys
 import struct
 import threading
 
@@ -11,13 +12,15 @@ import keras
 import ml_dtypes
 import numpy as np
 import pytest
+from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 import zoo
 from zoo import backend
 from zoo.checkpoint import (DTYPE_SIZES, MAPPED_BYTES, Checkpoint, PendingTensor, aligned_empty, astype_aligned,
-                            numpy_dtype, parse_size, write_checkpoint)
+                            numpy_dtype, parse_size, write_checkpoint, write_safetensors)
 from zoo.errors import (
+    CheckpointError,
     ConfigError,
     CorruptCheckpointError,
     ImageError,
@@ -118,6 +121,117 @@ def test_sharded_writer_and_reader(tmp_path):
         np.testing.assert_array_equal(ckpt.read(k), v)
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     assert index["metadata"]["total_size"] == 2000
+
+
+def test_write_safetensors_aligns_the_data_and_the_library_reads_it(tmp_path):
+    arrays = {
+        "big": np.arange(64 * 48, dtype=np.float32).reshape(64, 48),  # 12288 bytes, a multiple of 64
+        "odd_bias": np.arange(7, dtype=np.float32),  # 28 bytes: everything after it is off the 64-byte grid
+        "half": np.arange(5, dtype=np.float16),
+        "brain": np.arange(9, dtype=np.float32).reshape(3, 3).astype(ml_dtypes.bfloat16),
+        "ids": np.arange(5, dtype=np.int64),
+        "mask": np.array([True, False, True]),
+        "scalar": np.array(3.5, np.float32),
+        "empty": np.zeros((0, 3), np.float32),
+        "transposed": np.arange(128, dtype=np.float32).reshape(8, 16).T,
+        "big_endian": np.arange(6, dtype=">f4"),
+        "z_last_but_aligned": np.ones((2, 16), np.float32),  # 128 bytes: placed before the odd sizes
+    }
+    path = tmp_path / "model.safetensors"
+    write_safetensors(path, arrays, metadata={"format": "pt"})
+    with safe_open(path, framework="numpy") as f:
+        assert f.metadata() == {"format": "pt"}
+        for name, array in arrays.items():
+            got = f.get_tensor(name)
+            assert got.shape == array.shape and got.dtype == array.dtype.newbyteorder("<"), name
+            np.testing.assert_array_equal(got, array)
+    (length,) = struct.unpack("<Q", path.read_bytes()[:8])
+    assert (8 + length) % 64 == 0  # the header is padded with spaces
+    for name, info in Checkpoint.open(tmp_path).tensors.items():
+        assert info.offset % numpy_dtype(info.dtype).itemsize == 0, name
+        assert info.offset % 64 == 0 or info.nbytes % 64 != 0, name  # every 64-byte multiple lies aligned
+
+
+def test_write_safetensors_names_a_tensor_it_cannot_store(tmp_path):
+    with pytest.raises(CheckpointError, match="tensor 'phase': safetensors has no dtype for complex64"):
+        write_safetensors(tmp_path / "model.safetensors", {"w": np.ones(4, np.float32), "phase": np.zeros(3, np.complex64)})
+    assert not (tmp_path / "model.safetensors").exists()  # nothing half-written
+
+
+def _owner(array: np.ndarray):
+    """The object at the bottom of an array's chain of views."""
+    while isinstance(array, np.ndarray) and array.base is not None:
+        array = array.base
+    return array.obj if isinstance(array, memoryview) else array
+
+
+def test_aligned_tensors_are_private_views_of_the_file(tmp_path):
+    values = np.arange(64 * 16, dtype=np.float32).reshape(64, 16)
+    arrays = {"a_weight": values, "b_bias": np.arange(5, dtype=np.float32), "c_after_bias": np.arange(3, dtype=np.float32),
+              "d_half": values.astype(ml_dtypes.bfloat16)}
+    path = tmp_path / "model.safetensors"
+    write_safetensors(path, arrays)
+    before = path.read_bytes()
+    ckpt = Checkpoint.open(tmp_path)
+    assert [ckpt.tensors[n].offset % 64 == 0 for n in arrays] == [True, True, False, True]  # 64-byte multiples first
+    got = dict(zip(arrays, ckpt._read_copies(path, list(arrays))))
+    for name, array in arrays.items():
+        np.testing.assert_array_equal(got[name], array)
+        assert got[name].ctypes.data % 64 == 0, name
+    assert isinstance(_owner(got["a_weight"]), mmap.mmap) and isinstance(_owner(got["d_half"]), mmap.mmap)
+    assert not isinstance(_owner(got["c_after_bias"]), mmap.mmap)  # off the grid: read into a fresh buffer
+    got["a_weight"][:] = -1  # the caller owns it: a write copies the page and never reaches the file
+    assert path.read_bytes() == before
+    casting = Checkpoint.open(tmp_path)
+    casting.prefetch(cast_to=np.float32, threads=1)  # the readers cast bfloat16 off the caller's thread
+    try:
+        cast = dict(zip(arrays, casting._read_copies(path, list(arrays))))
+    finally:
+        casting.stop_prefetch()
+    assert isinstance(_owner(cast["a_weight"]), mmap.mmap) and cast["d_half"].dtype == np.float32
+    assert not isinstance(_owner(cast["d_half"]), mmap.mmap)
+    np.testing.assert_array_equal(cast["d_half"], arrays["d_half"].astype(np.float32))
+
+
+def test_mapped_file_cut_short_after_opening_names_the_tensor(tmp_path):
+    write_safetensors(tmp_path / "model.safetensors", {"a": np.ones((64, 16), np.float32), "b": np.ones((64, 16), np.float32)})
+    ckpt = Checkpoint.open(tmp_path)
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(CorruptCheckpointError, match=r"model.safetensors: cannot read tensor 'b' \(expected F32 \(64, 16\)\): "
+                                                     "the file ends 100 bytes before"):
+        list(ckpt._read_copies(path, ["a", "b"]))
+
+
+def _file_ranges(path) -> list[tuple[int, int]]:
+    """The address ranges where this process maps `path`."""
+    ranges = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and fields[5].strip() == str(path):
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                ranges.append((start, end))
+    return ranges
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the process's mappings from /proc")
+def test_saved_preset_loads_with_its_file_as_the_weights(source, tmp_path):
+    original = zoo.ViTImageClassifier.from_preset(source)
+    pixels = np.random.default_rng(0).normal(size=(2, 16, 16, 3)).astype("float32")
+    expected = backend.to_numpy(original(pixels))
+    saved = original.save_preset(tmp_path / "saved")
+    model = zoo.ViTImageClassifier.from_preset(saved)
+    np.testing.assert_array_equal(backend.to_numpy(model(pixels)), expected)
+    ranges = _file_ranges((saved / "model.safetensors").resolve())
+    assert ranges, "the checkpoint file is not mapped"
+    in_file = {v.path for v in model.weights if any(a <= _storage_address(v) < b for a, b in ranges)}
+    for i in range(CONFIG["num_hidden_layers"]):  # weights read as they lie (reshaped at most) are the file's pages
+        for part in ("attention/q_proj/kernel", "attention/o_proj/kernel", "fc1/kernel", "fc2/kernel"):
+            assert any(p.endswith(f"layers_{i}/{part}") for p in in_file), (i, part, sorted(in_file))
+    model.save_preset(saved)  # over the file its own weights are mapped from: the old file is unlinked, not overwritten
+    np.testing.assert_array_equal(backend.to_numpy(model(pixels)), expected)
+    np.testing.assert_array_equal(backend.to_numpy(zoo.ViTImageClassifier.from_preset(saved)(pixels)), expected)
 
 
 def _prefetch_threads():

@@ -3,14 +3,17 @@
 A folder holds either `model.safetensors` or shards named by `model.safetensors.index.json`.
 `Checkpoint.open` validates every header up front with the safetensors library (so a truncated
 or lying file fails before any weight is touched). `Checkpoint.read_many` streams tensors: on
-PyTorch as views of the file's mapping (the weights' storage, as transformers does), elsewhere
-read straight into fresh 64-byte-aligned buffers, one `readinto` each. JAX and TensorFlow (on
-CPU) adopt such a buffer without copying it, so the file's bytes are copied once; reading
-through the safetensors library instead would copy them twice and keep the mapped pages
-resident (a second copy of the weights at the peak). The library has no call that reads into
-a buffer we give it, hence the few lines of our own here. `Checkpoint.prefetch` moves those
-reads to background threads, so that they overlap the building of the model (`from_preset`
-starts them before the layers exist).
+PyTorch as views of the file's mapping (the weights' storage, as transformers does). Elsewhere a
+tensor whose bytes start on a 64-byte boundary of the file is a view of a private mapping too,
+which JAX and TensorFlow (on CPU) take as the weight itself; the others are read straight into
+fresh 64-byte-aligned buffers, one `readinto` each, which those backends adopt without a copy,
+so the file's bytes are copied once. Reading through the safetensors library instead would
+copy them twice and keep the mapped pages resident (a second copy of the weights at the peak);
+the library has no call that reads into a buffer we give it, hence the few lines of our own
+here. `Checkpoint.prefetch` moves those reads to background threads, so that they overlap the
+building of the model (`from_preset` starts them before the layers exist). `write_safetensors`
+writes files whose sizeable tensors all lie 64-byte aligned (the library's writer has no such
+option), so a checkpoint saved here loads on every backend without reading it.
 """
 
 import itertools
@@ -27,9 +30,8 @@ from pathlib import Path
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
-from safetensors.numpy import save_file
 
-from zoo.errors import CorruptCheckpointError, PresetNotFoundError
+from zoo.errors import CheckpointError, CorruptCheckpointError, PresetNotFoundError
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -70,6 +72,8 @@ class Checkpoint:
         self.folder = folder
         self.tensors = tensors
         self._prefetch: _Prefetcher | None = None
+        self._mappings: dict[Path, mmap.mmap | None] = {}  # private (copy-on-write) maps of the files
+        self._cast_to: np.dtype | None = None  # what the readers cast floating tensors to
 
     @classmethod
     def open(cls, folder: str | os.PathLike) -> "Checkpoint":
@@ -104,8 +108,9 @@ class Checkpoint:
         """Yields the tensors in order, each an array the caller owns.
 
         Where the backend can keep the file's mapping as the weights' storage (PyTorch), the
-        arrays are views of that mapping. Otherwise each is read into a fresh aligned buffer, or
-        taken from the background reader if `prefetch` started one.
+        arrays are views of that mapping. Otherwise a tensor at a 64-byte-aligned offset is a
+        copy-on-write view of the file's private mapping, and the others are read into fresh
+        aligned buffers, or taken from the background reader if `prefetch` started one.
         """
         from zoo import backend
 
@@ -117,8 +122,44 @@ class Checkpoint:
     def _read_copies(self, file: Path, names: list[str]) -> Iterator[np.ndarray]:
         with open(file, "rb", buffering=0) as handle:
             for name in names:
+                info = self.tensors[name]
+                if self._mappable(info):
+                    yield self._view(info)
+                    continue
                 array = self._prefetch.take(name) if self._prefetch is not None else None
-                yield array if array is not None else _read_tensor(handle, self.tensors[name])
+                yield array if array is not None else _read_tensor(handle, info)
+
+    def _mappable(self, info: TensorInfo) -> bool:
+        """Whether `read_many` serves the tensor as a view of its file's private mapping.
+
+        Only a tensor whose bytes start on a 64-byte boundary of the file: JAX and TensorFlow
+        then take the view as the weight itself, and its pages are the page cache's (nothing is
+        copied or faulted in fresh, as with transformers on PyTorch). Files written by
+        `write_safetensors` place every sizeable tensor so; the safetensors library's only by
+        chance (its data start is 8-byte aligned). Not a tensor the readers are to cast.
+        """
+        if info.offset % ALIGNMENT or not info.nbytes:
+            return False
+        if self._cast_to is not None and info.dtype.startswith(FLOAT_CODES) and numpy_dtype(info.dtype) != self._cast_to:
+            return False
+        if info.file not in self._mappings:
+            try:
+                with open(info.file, "rb") as f:
+                    self._mappings[info.file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            except (OSError, ValueError):  # a file system without mappings: read it instead
+                self._mappings[info.file] = None
+        return self._mappings[info.file] is not None
+
+    def _view(self, info: TensorInfo) -> np.ndarray:
+        mapping = self._mappings[info.file]
+        if info.offset + info.nbytes > len(mapping):  # cut short since `open` read the header
+            raise CorruptCheckpointError(
+                f"{info.file.name}: cannot read tensor {info.name!r} (expected {info.dtype} {info.shape}): the file "
+                f"ends {info.offset + info.nbytes - len(mapping)} bytes before the tensor's data does"
+            )
+        # Writable: a write copies the page (ACCESS_COPY) and never reaches the file.
+        data = np.frombuffer(mapping, np.uint8, count=info.nbytes, offset=info.offset)
+        return data.view(numpy_dtype(info.dtype)).reshape(info.shape)
 
     def prefetch(self, max_bytes: int | None = None, threads: int | None = None, cast_to=None) -> None:
         """Starts reading every tensor into its own buffer on background threads.
@@ -131,12 +172,25 @@ class Checkpoint:
         requests works. `threads` readers (default: `backend.read_ahead_threads`). Without a
         bound, `cast_to` (a NumPy dtype) has the readers cast floating-point tensors of another
         floating dtype to it, off the caller's thread. `stop_prefetch` ends the readers and
-        drops what was not taken. (Pointless where the backend maps the file instead:
-        `read_many` then never asks the reader.)
+        drops what was not taken. Tensors `read_many` serves from the file's mapping are left
+        out (the kernel is asked to read those files ahead instead), and no thread starts when
+        nothing is left. (Pointless where the backend maps the file instead: `read_many` then
+        never asks the reader.)
         """
         if self._prefetch is not None:
             return
-        order = sorted(self.tensors.values(), key=lambda t: (str(t.file), t.offset))
+        self._cast_to = None if max_bytes is not None or cast_to is None else np.dtype(cast_to)
+        order, mapped = [], set()
+        for info in sorted(self.tensors.values(), key=lambda t: (str(t.file), t.offset)):
+            if self._mappable(info):
+                mapped.add(info.file)
+            else:
+                order.append(info)
+        for file in mapped:  # the kernel reads a cold file in meanwhile; a warm one costs nothing
+            if hasattr(mmap, "MADV_WILLNEED"):
+                self._mappings[file].madvise(mmap.MADV_WILLNEED)
+        if not order:
+            return
         if threads is None:
             from zoo import backend
 
@@ -325,6 +379,9 @@ ALIGNMENT = 64  # what XLA:CPU needs to adopt a host buffer without copying it; 
 MAPPED_BYTES = 4 * 2**20  # from this size on, buffers are anonymous mappings of ordinary pages
 
 
+_MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # Linux only; elsewhere pages fault in as written
+
+
 def aligned_empty(nbytes: int, zeroed: bool = False) -> np.ndarray:
     """A uint8 buffer of nbytes whose data starts on a 64-byte boundary, uninitialised unless `zeroed`.
 
@@ -333,10 +390,16 @@ def aligned_empty(nbytes: int, zeroed: bool = False) -> np.ndarray:
     from 4 MiB on, and those were slower to fault in: a 1 GB checkpoint read on one thread took
     1.23-1.56 s into NumPy's buffers and 0.81-0.89 s into mappings on the VM of
     benchmarks/RESULTS.md, while products over the weights and decoding ran no slower from
-    ordinary pages (see RESULTS.md).
+    ordinary pages (see RESULTS.md). A large buffer that is not asked to be zeroed is about to be
+    written in full, so its pages are faulted in by the kernel at once (`MAP_POPULATE`) rather
+    than one trap per page while it is written: the same 1 GB read took 0.74-0.88 s against
+    0.97-1.19 s.
     """
     if nbytes >= MAPPED_BYTES:
-        return np.frombuffer(mmap.mmap(-1, nbytes), np.uint8)  # page-aligned and zero-filled
+        if zeroed or not _MAP_POPULATE:
+            return np.frombuffer(mmap.mmap(-1, nbytes), np.uint8)  # page-aligned and zero-filled
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_POPULATE
+        return np.frombuffer(mmap.mmap(-1, nbytes, flags=flags), np.uint8)
     raw = (np.zeros if zeroed else np.empty)(nbytes + ALIGNMENT, np.uint8)
     start = -raw.ctypes.data % ALIGNMENT
     return raw[start : start + nbytes]
@@ -449,7 +512,8 @@ def write_checkpoint(folder: str | os.PathLike, tensors: Iterable[PendingTensor]
     """Writes tensors as `model.safetensors`, or as shards with an index above `max_shard_size`.
 
     Only one shard's tensors are held in memory at a time. Stale checkpoint files in the
-    folder are removed first, so a folder that held more shards before stays consistent.
+    folder are removed first, so a folder that held more shards before stays consistent (and
+    a model whose weights are views of the old files keeps them: unlinked, not overwritten).
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -468,11 +532,48 @@ def write_checkpoint(folder: str | os.PathLike, tensors: Iterable[PendingTensor]
     names = [SINGLE_FILE] if count == 1 else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
     weight_map = {}
     for file_name, shard in zip(names, shards):
-        save_file({t.name: np.ascontiguousarray(t.produce()) for t in shard}, folder / file_name,
-                  metadata={"format": "pt"})
+        write_safetensors(folder / file_name, {t.name: t.produce() for t in shard}, metadata={"format": "pt"})
         weight_map.update({t.name: file_name for t in shard})
     if count > 1:
         index = {"metadata": {"total_size": sum(t.nbytes for s in shards for t in s)},
                  "weight_map": dict(sorted(weight_map.items()))}
         (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     return [folder / n for n in names]
+
+
+def write_safetensors(path: Path, arrays: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
+    """Writes a safetensors file whose data section starts on a 64-byte boundary.
+
+    The format lets the header end in spaces, and the safetensors library pads it to 8 bytes
+    only (it has no option for more), so a file it writes maps its tensors at addresses that
+    JAX and TensorFlow cannot use in place. Here the header is padded to 64 bytes and the
+    tensors whose size is a multiple of 64 bytes come first, so each of those (every sizeable
+    weight in practice) lies 64-byte aligned and `Checkpoint.read_many` hands out views of the
+    file's mapping instead of copies. The rest follow from the widest element to the narrowest,
+    which keeps every tensor aligned to its own element size, as the library's writer does.
+    """
+    arrays = {name: np.asarray(array, dtype=np.asarray(array).dtype.newbyteorder("<"), order="C")
+              for name, array in arrays.items()}  # little-endian, C order; 0-d arrays stay 0-d
+    order = sorted(arrays, key=lambda n: (arrays[n].nbytes % ALIGNMENT != 0, -arrays[n].dtype.itemsize, n))
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name in order:
+        array = arrays[name]
+        header[name] = {"dtype": _dtype_code(array.dtype, name), "shape": list(array.shape),
+                        "data_offsets": [offset, offset + array.nbytes]}
+        offset += array.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-(8 + len(text)) % ALIGNMENT)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        for name in order:
+            f.write(arrays[name].reshape(-1).view(np.uint8).data)
+
+
+def _dtype_code(dtype: np.dtype, name: str) -> str:
+    """The safetensors dtype code of a NumPy dtype (the inverse of `numpy_dtype`)."""
+    for code in DTYPE_SIZES:
+        if numpy_dtype(code) == dtype.newbyteorder("<"):
+            return code
+    raise CheckpointError(f"tensor {name!r}: safetensors has no dtype for {dtype}; expected one of {sorted(DTYPE_SIZES)}")
