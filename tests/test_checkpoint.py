@@ -31,6 +31,7 @@ from zoo.errors import (
     UnknownArchitectureError,
     ZooError,
 )
+from zoo.layers import init
 from zoo.key_map import TRANSFORMS
 from vit_reference import save_hf_vit
 
@@ -354,6 +355,22 @@ def test_set_value_adopts_fresh_aligned_buffers(rows):
     np.testing.assert_array_equal(backend.to_numpy(variable.value), expected)
     variable.assign(variable.value + 1)  # a later update (an optimiser step) still works
     np.testing.assert_array_equal(backend.to_numpy(variable.value), expected + 1)
+
+
+def test_weights_built_under_skip_init_stay_independent():
+    with init.skip_init():
+        first, second = (keras.layers.Dense(8, kernel_initializer=init.normal()) for _ in range(2))
+        first.build((None, 4))
+        second.build((None, 4))
+    # JAX's placeholders are immutable arrays, one per shape and dtype; the others write in place.
+    assert (first.kernel.value is second.kernel.value) == (keras.backend.backend() == "jax")
+    backend.set_value(first.kernel, np.full((4, 8), 1.0, np.float32))
+    backend.set_value(second.kernel, np.full((4, 8), 2.0, np.float32))
+    first.kernel.assign(first.kernel.value + 1)
+    np.testing.assert_array_equal(backend.to_numpy(first.kernel.value), np.full((4, 8), 2.0))
+    np.testing.assert_array_equal(backend.to_numpy(second.kernel.value), np.full((4, 8), 2.0))
+    second.kernel.assign(second.kernel.value * 3)
+    np.testing.assert_array_equal(backend.to_numpy(first.kernel.value), np.full((4, 8), 2.0))
 
 
 def test_set_value_copies_unaligned_strided_and_bfloat16_arrays():

@@ -264,8 +264,19 @@ _ADOPT = {"torch": _torch_adopt, "tensorflow": _tf_adopt}
 _READ_MAPPED = {"torch": _torch_read_mapped}
 
 
-def placeholder(shape, dtype):
-    """The cheapest tensor of this shape and dtype to stand in until a checkpoint value arrives."""
+def placeholder(shape, dtype, shared: dict | None = None):
+    """The cheapest tensor of this shape and dtype to stand in until a checkpoint value arrives.
+
+    JAX arrays are immutable and `assign` replaces them, so there weights of one shape and dtype
+    share one placeholder, kept in `shared` (one dict per model being built): the 1 GB ViT of
+    benchmarks/load.py needs 12 `device_put` calls instead of 328. The other backends write
+    into a variable's storage in place, so each weight gets its own.
+    """
+    if NAME == "jax" and shared is not None:
+        key = (tuple(shape), str(dtype))
+        if key not in shared:
+            shared[key] = _jax_placeholder(shape, dtype)
+        return shared[key]
     make = _PLACEHOLDERS.get(NAME)
     return make(shape, dtype) if make else keras.ops.zeros(shape, dtype=dtype)
 

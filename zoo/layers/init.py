@@ -15,13 +15,13 @@ import keras
 
 from zoo import backend
 
-_SKIP = contextvars.ContextVar("zoo_skip_init", default=False)
+_SKIP = contextvars.ContextVar("zoo_skip_init", default=None)  # while skipping: the placeholders to share
 
 
 @contextlib.contextmanager
 def skip_init():
-    """Within this block, `Skippable` initialisers return placeholders."""
-    token = _SKIP.set(True)
+    """Within this block, `Skippable` initialisers return placeholders (see `backend.placeholder`)."""
+    token = _SKIP.set({})
     try:
         yield
     finally:
@@ -36,8 +36,9 @@ class Skippable(keras.initializers.Initializer):
         self.initializer = keras.initializers.get(initializer)
 
     def __call__(self, shape, dtype=None):
-        if _SKIP.get():
-            return backend.placeholder(shape, keras.backend.standardize_dtype(dtype))
+        shared = _SKIP.get()
+        if shared is not None:
+            return backend.placeholder(shape, keras.backend.standardize_dtype(dtype), shared)
         return self.initializer(shape, dtype=dtype)
 
     def get_config(self):
