@@ -31,8 +31,8 @@ from zoo.errors import (
     UnknownArchitectureError,
     ZooError,
 )
-from zoo.layers import init
 from zoo.key_map import TRANSFORMS
+from zoo.layers import init
 from vit_reference import save_hf_vit
 
 CONFIG = dict(hidden_size=24, num_hidden_layers=2, num_attention_heads=2, intermediate_size=40,
