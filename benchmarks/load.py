@@ -4,13 +4,13 @@ The checkpoint is a ViT (width 1024, 20 layers, 251M parameters, 1.0 GB in float
 with transformers' `save_pretrained` into benchmarks/out/, and the same tensors once more by
 keras-zoo's writer (`zoo.checkpoint.write_safetensors`, what `save_preset` writes: every tensor
 64-byte aligned, which JAX and TensorFlow can use in place; the safetensors library aligns to 8
-bytes, and the first file's data happens to start 16 bytes past a 64-byte boundary). Every
-loader loads both files. Each loader runs in a fresh process
-(so peak RSS is its own), after its imports; the reported peak is the process's maximum RSS,
-and "weights" is that peak minus the RSS after imports. transformers 5 maps the safetensors
-file into its parameters, so its RSS grows only as weights are read: the script reads every
-weight once after loading, and the peak RSS reported is the maximum over load and that read. Each loader runs `--repeats` times,
-alternating, and medians are reported. The page cache is warm for every loader alike.
+bytes, and the first file's data happens to start 16 bytes past a 64-byte boundary). Every loader
+loads both files. Each loader runs in a fresh process (so peak RSS is its own), after its imports;
+the reported peak is the process's maximum RSS, and "weights" is that peak minus the RSS after
+imports. transformers 5 maps the safetensors file into its parameters, so its RSS grows only as
+weights are read: the script reads every weight once after loading, and the peak RSS reported is the
+maximum over load and that read. Each loader runs `--repeats` times, alternating, and medians are
+reported. The page cache is warm for every loader alike.
 
 Usage:
     python benchmarks/load.py [--repeats 3] [--backends jax,torch,tensorflow] [--write]

@@ -231,8 +231,8 @@ def _tf_placeholder(shape, dtype):
     import tensorflow as tf
 
     # Uninitialised memory: a checkpoint value is about to overwrite every element. The shape as
-    # an int32 array keeps the op on TF's fast path (a list costs ~3x as much: 79 vs 24 ms for
-    # the 328 weights of benchmarks/load.py's ViT).
+    # an int32 array keeps the op on TF's fast path (a list costs ~3x as much: 57-79 vs 19-24 ms
+    # for the 328 weights of benchmarks/load.py's ViT).
     return tf.raw_ops.Empty(shape=np.asarray(shape, np.int32), dtype=tf.as_dtype(str(dtype)), init=False)
 
 

@@ -162,7 +162,7 @@ class Checkpoint:
         return data.view(numpy_dtype(info.dtype)).reshape(info.shape)
 
     def prefetch(self, max_bytes: int | None = None, threads: int | None = None, cast_to=None) -> None:
-        """Starts reading every tensor into its own buffer on background threads.
+        """Starts background threads reading each tensor the file mapping does not serve into its own buffer.
 
         Reading (a copy from the page cache into fresh pages, which the kernel must fault in)
         then overlaps the Python work of building the model. The readers stay at most
