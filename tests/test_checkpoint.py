@@ -373,6 +373,30 @@ def test_weights_built_under_skip_init_stay_independent():
     np.testing.assert_array_equal(backend.to_numpy(first.kernel.value), np.full((4, 8), 2.0))
 
 
+def test_variables_named_by_leaf_keep_their_keras_paths_and_values():
+    # Two layers of one shape whose variables share their leaf names: still two independent
+    # weights with their own Keras paths, trainable, and saved and found by those paths.
+    with backend.variables_named_by_leaf():
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(4, name="a"), keras.layers.Dense(4, name="b")])
+    assert [v.path for v in model.weights] == ["sequential/a/kernel", "sequential/a/bias", "sequential/b/kernel",
+                                               "sequential/b/bias"]
+    if keras.backend.backend() == "tensorflow":
+        assert [v.value.name for v in model.weights] == ["kernel:0", "bias:0", "kernel:0", "bias:0"]
+        import tensorflow as tf
+
+        with backend.variables_named_by_leaf(), tf.name_scope("outer"):
+            assert tf.Variable(1.0, name="given/").name == "given:0"  # a name TF takes as given stays
+    model.layers[0].kernel.assign(np.ones((4, 4), np.float32))
+    model.layers[1].kernel.assign(np.full((4, 4), 2.0, np.float32))
+    for layer in model.layers:
+        layer.bias.assign(np.zeros(4, np.float32))
+    np.testing.assert_allclose(backend.to_numpy(model(np.ones((1, 4), np.float32))), np.full((1, 4), 32.0))
+    model.compile(optimizer="sgd", loss="mse")
+    model.fit(np.ones((2, 4), np.float32), np.zeros((2, 4), np.float32), epochs=1, verbose=0)
+    assert not np.allclose(backend.to_numpy(model.layers[1].kernel.value), 2.0)  # both layers train
+    assert not np.allclose(backend.to_numpy(model.layers[0].kernel.value), 1.0)
+
+
 def test_set_value_copies_unaligned_strided_and_bfloat16_arrays():
     # TensorFlow would abort on data that is not 64-byte aligned; NumPy's DLPack has no bfloat16.
     variable = keras.Variable(np.zeros((16, 8), "float32"))

@@ -281,6 +281,30 @@ def placeholder(shape, dtype, shared: dict | None = None):
     return make(shape, dtype) if make else keras.ops.zeros(shape, dtype=dtype)
 
 
+def _tf_leaf_name(next_creator, **kwargs):
+    name = kwargs.get("name")
+    if isinstance(name, str) and name and not name.endswith("/"):  # "/" ends a name TF takes as given
+        kwargs["name"] = name.rsplit("/", 1)[-1] + "/"
+    return next_creator(**kwargs)
+
+
+def variables_named_by_leaf():
+    """Within this block, TensorFlow variables take their leaf name ("kernel") instead of their path.
+
+    Eager TensorFlow builds one `VarHandleOp` kernel per distinct set of attributes, and a
+    variable's name scope is one of them, so every weight of a model (each with its own
+    path) paid for a kernel of its own: ~0.9 ms each, ~0.3 s for the 328 weights of
+    benchmarks/load.py's ViT. Leaf names repeat from layer to layer. Keras' own names and
+    paths (`variable.path`, what saving and loading use) are unchanged; only the underlying
+    `tf.Variable.name` is short. A no-op on the other backends.
+    """
+    if NAME != "tensorflow":
+        return contextlib.nullcontext()
+    import tensorflow as tf
+
+    return tf.variable_creator_scope(_tf_leaf_name)
+
+
 def to_tensor(array: np.ndarray):
     """A host array as a backend tensor, copying as little as the backend allows."""
     convert = _TO_TENSOR.get(NAME)
