@@ -2,7 +2,7 @@
 
 The checkpoint is a ViT (width 1024, 20 layers, 251M parameters, 1.0 GB in float32) written once
 with transformers' `save_pretrained` into benchmarks/out/, and the same tensors once more by
-keras-zoo's writer (`zoo.checkpoint.write_safetensors`, what `save_preset` writes: every tensor
+keras-zoo's writer (`zoo checkpoint align`, the writer `save_preset` uses: every tensor
 64-byte aligned, which JAX and TensorFlow can use in place; the safetensors library aligns to 8
 bytes, and the first file's data happens to start 16 bytes past a 64-byte boundary). Every loader
 loads both files. Each loader runs in a fresh process (so peak RSS is its own), after its imports;
@@ -56,13 +56,9 @@ def make_checkpoint() -> None:
 def make_aligned_copy() -> None:
     if (ALIGNED / "model.safetensors").exists():
         return
-    from safetensors.numpy import load_file
+    from zoo.checkpoint import align_checkpoint
 
-    from zoo.checkpoint import write_safetensors
-
-    ALIGNED.mkdir(parents=True, exist_ok=True)
-    (ALIGNED / "config.json").write_bytes((FOLDER / "config.json").read_bytes())
-    write_safetensors(ALIGNED / "model.safetensors", load_file(FOLDER / "model.safetensors"), metadata={"format": "pt"})
+    align_checkpoint(FOLDER, ALIGNED)  # what `zoo checkpoint align FOLDER --output ALIGNED` does
 
 
 def worker(loader: str, folder: Path) -> None:

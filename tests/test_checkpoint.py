@@ -373,10 +373,10 @@ def test_weights_built_under_skip_init_stay_independent():
     np.testing.assert_array_equal(backend.to_numpy(first.kernel.value), np.full((4, 8), 2.0))
 
 
-def test_variables_named_by_leaf_keep_their_keras_paths_and_values():
+def test_variables_built_for_loading_keep_their_keras_paths_and_values():
     # Two layers of one shape whose variables share their leaf names: still two independent
     # weights with their own Keras paths, trainable, and saved and found by those paths.
-    with backend.variables_named_by_leaf():
+    with backend.loading_variables():
         model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(4, name="a"), keras.layers.Dense(4, name="b")])
     assert [v.path for v in model.weights] == ["sequential/a/kernel", "sequential/a/bias", "sequential/b/kernel",
                                                "sequential/b/bias"]
@@ -384,7 +384,7 @@ def test_variables_named_by_leaf_keep_their_keras_paths_and_values():
         assert [v.value.name for v in model.weights] == ["kernel:0", "bias:0", "kernel:0", "bias:0"]
         import tensorflow as tf
 
-        with backend.variables_named_by_leaf(), tf.name_scope("outer"):
+        with backend.loading_variables(), tf.name_scope("outer"):
             assert tf.Variable(1.0, name="given/").name == "given:0"  # a name TF takes as given stays
     model.layers[0].kernel.assign(np.ones((4, 4), np.float32))
     model.layers[1].kernel.assign(np.full((4, 4), 2.0, np.float32))
@@ -395,6 +395,20 @@ def test_variables_named_by_leaf_keep_their_keras_paths_and_values():
     model.fit(np.ones((2, 4), np.float32), np.zeros((2, 4), np.float32), epochs=1, verbose=0)
     assert not np.allclose(backend.to_numpy(model.layers[1].kernel.value), 2.0)  # both layers train
     assert not np.allclose(backend.to_numpy(model.layers[0].kernel.value), 1.0)
+
+
+def test_weights_built_for_loading_take_the_checkpoint_values():
+    with init.skip_init(), backend.loading_variables():
+        layer = keras.layers.Dense(8, kernel_initializer=init.normal(), bias_initializer=init.zeros(), dtype="bfloat16")
+        layer.build((None, 4))
+    if keras.backend.backend() == "tensorflow":  # no initial value made: the checkpoint's is the first
+        assert not layer.kernel.value.is_initialized()
+    backend.set_value(layer.kernel, np.full((4, 8), 0.5, ml_dtypes.bfloat16))
+    backend.set_value(layer.bias, np.arange(8, dtype=ml_dtypes.bfloat16))
+    out = layer(np.ones((2, 4), "float32"))
+    np.testing.assert_array_equal(backend.to_numpy(keras.ops.cast(out, "float32")), np.tile(np.arange(8) + 2.0, (2, 1)))
+    layer.kernel.assign(layer.kernel.value * 2)
+    np.testing.assert_array_equal(backend.to_numpy(keras.ops.cast(layer.kernel.value, "float32")), np.ones((4, 8)))
 
 
 def test_set_value_copies_unaligned_strided_and_bfloat16_arrays():
@@ -589,3 +603,62 @@ def test_undecodable_image(tmp_path):
         clf.preprocess(tmp_path / "missing.png")
     with pytest.raises(ImageError, match="expected a uint8 array"):
         clf.preprocess(np.zeros((8, 8, 3), np.float32))
+
+
+def _offsets(path):
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    header.pop("__metadata__", None)
+    return {name: 8 + length + entry["data_offsets"][0] for name, entry in header.items()}
+
+
+def test_checkpoint_align_rewrites_library_files_that_still_load_everywhere(source, tmp_path, capsys):
+    from transformers import ViTForImageClassification
+
+    from zoo import cli
+
+    sharded = tmp_path / "sharded"  # transformers' own writer, three shards and an index
+    ViTForImageClassification.from_pretrained(source).save_pretrained(sharded, max_shard_size="12KB")
+    files = sorted(p.name for p in sharded.glob("*.safetensors"))
+    assert len(files) > 1 and (sharded / "model.safetensors.index.json").exists()
+    assert cli.main(["checkpoint", "align", str(sharded), "--output", str(tmp_path / "aligned")]) == 0
+    out = capsys.readouterr().out
+    aligned = tmp_path / "aligned"
+    assert sorted(p.name for p in aligned.glob("*.safetensors")) == files and len(out.splitlines()) == len(files)
+    for name in ["config.json", "model.safetensors.index.json"]:
+        assert (aligned / name).read_bytes() == (sharded / name).read_bytes()
+    for name in files:
+        before, after = load_file(sharded / name), load_file(aligned / name)
+        assert sorted(before) == sorted(after)
+        for key in before:
+            np.testing.assert_array_equal(before[key], after[key])
+            assert before[key].dtype == after[key].dtype
+        with safe_open(sharded / name, "np") as a, safe_open(aligned / name, "np") as b:
+            assert a.metadata() == b.metadata()
+        sizes = {key: value.nbytes for key, value in after.items()}
+        assert all(offset % 64 == 0 for key, offset in _offsets(aligned / name).items() if sizes[key] % 64 == 0)
+    pixels = np.random.default_rng(0).standard_normal((2, 16, 16, 3)).astype("float32")
+    expected = backend.to_numpy(zoo.ViTImageClassifier.from_preset(sharded)(pixels))
+    np.testing.assert_array_equal(backend.to_numpy(zoo.ViTImageClassifier.from_preset(aligned)(pixels)), expected)
+    assert ViTForImageClassification.from_pretrained(aligned) is not None  # transformers reads them too
+
+    in_place = shutil.copytree(sharded, tmp_path / "in_place")
+    assert cli.main(["checkpoint", "align", str(in_place)]) == 0
+    assert sorted(p.name for p in in_place.iterdir()) == sorted(p.name for p in sharded.iterdir())  # nothing left over
+    for name in files:
+        assert (in_place / name).read_bytes() == (aligned / name).read_bytes()
+
+
+def test_checkpoint_align_names_what_it_cannot_read(folder, tmp_path, capsys):
+    from zoo import cli
+    from zoo.checkpoint import align_checkpoint
+
+    with pytest.raises(PresetNotFoundError, match="model.safetensors"):
+        align_checkpoint(tmp_path / "empty")
+    original = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(original[: len(original) // 2])  # cut short
+    assert cli.main(["checkpoint", "align", str(folder)]) == 1
+    assert "model.safetensors" in capsys.readouterr().err
+    assert (folder / "model.safetensors").read_bytes() == original[: len(original) // 2]  # left as it was
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]

@@ -5,6 +5,7 @@ Nothing else in keras-zoo names a backend.
 
 import contextlib
 import functools
+import threading
 import warnings
 
 import keras
@@ -277,32 +278,65 @@ def placeholder(shape, dtype, shared: dict | None = None):
         if key not in shared:
             shared[key] = _jax_placeholder(shape, dtype)
         return shared[key]
+    if NAME == "tensorflow" and getattr(_TF_LOADING, "active", False):
+        return _Unset(shape, dtype)  # the variable starts uninitialised (see loading_variables)
     make = _PLACEHOLDERS.get(NAME)
     return make(shape, dtype) if make else keras.ops.zeros(shape, dtype=dtype)
 
 
-def _tf_leaf_name(next_creator, **kwargs):
+class _Unset:
+    """What a placeholder is inside `loading_variables()` on TensorFlow: the variable starts uninitialised."""
+
+    def __init__(self, shape, dtype):
+        self.shape, self.dtype = tuple(shape), dtype
+
+
+_TF_LOADING = threading.local()  # .active: inside loading_variables()'s variable creator
+
+
+def _tf_loading_creator(next_creator, **kwargs):
+    import tensorflow as tf
+
     name = kwargs.get("name")
     if isinstance(name, str) and name and not name.endswith("/"):  # "/" ends a name TF takes as given
         kwargs["name"] = name.rsplit("/", 1)[-1] + "/"
+    initial_value = kwargs.get("initial_value")
+    if callable(initial_value) and not tf.distribute.has_strategy():
+        _TF_LOADING.active = True
+        try:
+            initial_value = initial_value()
+        finally:
+            _TF_LOADING.active = False
+        if isinstance(initial_value, _Unset):
+            from tensorflow.python.ops.resource_variable_ops import UninitializedVariable
+
+            return UninitializedVariable(
+                shape=initial_value.shape, dtype=tf.as_dtype(initial_value.dtype), name=kwargs["name"],
+                trainable=kwargs.get("trainable", True), constraint=kwargs.get("constraint"),
+                synchronization=kwargs.get("synchronization", tf.VariableSynchronization.AUTO),
+                aggregation=kwargs.get("aggregation", tf.VariableAggregation.NONE))
+        kwargs["initial_value"] = initial_value
     return next_creator(**kwargs)
 
 
-def variables_named_by_leaf():
-    """Within this block, TensorFlow variables take their leaf name ("kernel") instead of their path.
+def loading_variables():
+    """Within this block, TensorFlow variables are made for a checkpoint about to fill them.
 
-    Eager TensorFlow builds one `VarHandleOp` kernel per distinct set of attributes, and a
-    variable's name scope is one of them, so every weight of a model (each with its own
-    path) paid for a kernel of its own: ~0.9 ms each, ~0.3 s for the 328 weights of
-    benchmarks/load.py's ViT. Leaf names repeat from layer to layer. Keras' own names and
-    paths (`variable.path`, what saving and loading use) are unchanged; only the underlying
-    `tf.Variable.name` is short. A no-op on the other backends.
+    Two costs of eager TensorFlow go: each variable takes its leaf name ("kernel") instead of
+    its path, since eager TF builds one `VarHandleOp` kernel per distinct set of attributes and
+    the name is one of them (~0.9 ms for each new name: ~0.3 s for the 328 weights of
+    benchmarks/load.py's ViT, whose leaf names repeat from layer to layer); and a weight whose
+    initialiser gives a placeholder (`init.skip_init`) starts uninitialised, without an initial
+    value to make and assign (~0.2 ms instead of ~0.7 ms a variable), until `set_value` gives it
+    the checkpoint's. Keras' names and paths (`variable.path`, what saving and loading use) are
+    unchanged; only the underlying `tf.Variable.name` is short. Under a `tf.distribute`
+    strategy variables are made as usual (with leaf names). A no-op on the other backends.
     """
     if NAME != "tensorflow":
         return contextlib.nullcontext()
     import tensorflow as tf
 
-    return tf.variable_creator_scope(_tf_leaf_name)
+    return tf.variable_creator_scope(_tf_loading_creator)
 
 
 def to_tensor(array: np.ndarray):

@@ -577,3 +577,72 @@ def _dtype_code(dtype: np.dtype, name: str) -> str:
         if numpy_dtype(code) == dtype.newbyteorder("<"):
             return code
     raise CheckpointError(f"tensor {name!r}: safetensors has no dtype for {dtype}; expected one of {sorted(DTYPE_SIZES)}")
+
+
+@dataclass(frozen=True)
+class AlignedFile:
+    """What `align_checkpoint` did to one file: how many of its tensors lay 64-byte aligned before and after."""
+
+    path: Path
+    tensors: int
+    aligned_before: int
+    aligned_after: int
+
+
+def align_checkpoint(source: str | os.PathLike, output: str | os.PathLike | None = None) -> list[AlignedFile]:
+    """Rewrites a checkpoint's safetensors files with `write_safetensors`, so they load without a copy.
+
+    Files written by the safetensors library (transformers' `save_pretrained`, most of the Hub)
+    place tensors 8-byte aligned, and JAX and TensorFlow use host memory in place only at
+    64-byte-aligned addresses, so loading such a file reads every tensor into fresh memory
+    (`Checkpoint.read_many`). The rewritten files hold the same tensors, names, shapes, dtypes
+    and metadata, in the same shards under the same names, and load in the safetensors library
+    and in transformers as before.
+
+    Args:
+        source: a checkpoint folder (`model.safetensors`, or shards with an index).
+        output: where to write; by default the files in `source` are replaced. Each new file is
+            written beside the old one and renamed over it, so a failure leaves the old file, and
+            a model whose weights map the old file keeps it. Into another folder, the other files
+            of `source` (config.json, the index, tokenizer files, ...) are copied as they are.
+    """
+    import shutil
+
+    source = Path(source)
+    checkpoint = Checkpoint.open(source)
+    output = source if output is None else Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    report = []
+    for path in checkpoint.files:
+        header = _read_header(path)
+        with safe_open(path, framework="numpy") as f:
+            metadata = f.metadata()
+        target = output / path.name
+        partial = target.with_name(f".{target.name}.partial")
+        with open(path, "rb") as f:
+            mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.fstat(f.fileno()).st_size else None
+        arrays = {}
+        try:
+            for name, (shape, dtype, offset) in header.items():  # views of the page cache, not copies
+                nbytes = math.prod(shape) * DTYPE_SIZES[dtype]
+                data = np.frombuffer(mapping, np.uint8, nbytes, offset) if nbytes else np.empty(0, np.uint8)
+                arrays[name] = data.view(numpy_dtype(dtype)).reshape(shape)
+            try:
+                write_safetensors(partial, arrays, metadata)
+                os.replace(partial, target)
+            finally:
+                partial.unlink(missing_ok=True)
+        finally:
+            arrays = data = None  # the views go before their mapping closes
+            if mapping is not None:
+                mapping.close()
+        after = _read_header(target)
+        report.append(AlignedFile(
+            target, len(header),
+            sum(1 for shape, dtype, offset in header.values() if offset % ALIGNMENT == 0),
+            sum(1 for shape, dtype, offset in after.values() if offset % ALIGNMENT == 0)))
+    if output.resolve() != source.resolve():
+        for item in source.iterdir():
+            if item.is_file() and item.suffix != ".safetensors":
+                shutil.copy2(item, output / item.name)
+    return report

@@ -166,6 +166,30 @@ def _add_download(sub) -> None:
     p.set_defaults(run=_download)
 
 
+def _checkpoint_align(args) -> int:
+    from zoo.checkpoint import align_checkpoint
+
+    for done in align_checkpoint(args.folder, args.output):
+        print(f"{done.path}: {done.tensors} tensors, {done.aligned_before} 64-byte aligned before, "
+              f"{done.aligned_after} after")
+    return 0
+
+
+def _add_checkpoint(sub) -> None:
+    p = sub.add_parser("checkpoint", help="work on safetensors checkpoint folders")
+    tools = p.add_subparsers(dest="tool", metavar="TOOL", required=True)
+    a = tools.add_parser("align", help="rewrite a checkpoint so JAX and TensorFlow load it without a copy",
+                         description="Rewrites the safetensors files of a checkpoint folder with every sizeable "
+                                     "tensor 64-byte aligned (same tensors, names, shards and metadata), so "
+                                     "that JAX and TensorFlow use the file's mapping as the weights instead of "
+                                     "reading them into fresh memory. The files still load in safetensors and "
+                                     "transformers.")
+    a.add_argument("folder", help="a local checkpoint folder (model.safetensors, or shards with an index)")
+    a.add_argument("--output", "-o", help="write the aligned checkpoint here, with copies of the folder's other "
+                                          "files (default: replace the files in FOLDER)")
+    a.set_defaults(run=_checkpoint_align)
+
+
 def _serve(args) -> int:
     import logging
 
@@ -201,7 +225,7 @@ def _add_serve(sub) -> None:
     p.set_defaults(run=_serve)
 
 
-COMMANDS = [_add_classify, _add_generate, _add_list, _add_info, _add_download, _add_serve]
+COMMANDS = [_add_classify, _add_generate, _add_list, _add_info, _add_download, _add_serve, _add_checkpoint]
 
 
 def parser() -> argparse.ArgumentParser:

@@ -144,7 +144,7 @@ class PresetModel(keras.Model):
             # Reads (and casts) while the layers are built.
             checkpoint.prefetch(_read_ahead_limit(checkpoint, dtype), cast_to=_weight_dtype(dtype))
         try:
-            with skip_init(), _collector_paused(), backend.variables_named_by_leaf():
+            with skip_init(), _collector_paused(), backend.loading_variables():
                 model = cls._from_folder(config, folder, dtype=dtype, **kwargs)
             fresh = model._fresh_weights()
             weights = {path: v for path, v in weights_by_path(model).items() if path not in fresh}
