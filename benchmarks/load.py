@@ -56,7 +56,7 @@ def make_checkpoint() -> None:
 def make_aligned_copy() -> None:
     if (ALIGNED / "model.safetensors").exists():
         return
-    from zoo.checkpoint import align_checkpoint
+    from zoo.checkpoints_tools.align import align_checkpoint
 
     align_checkpoint(FOLDER, ALIGNED)  # what `zoo checkpoint align FOLDER --output ALIGNED` does
 

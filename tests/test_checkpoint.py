@@ -8,7 +8,6 @@ import sys
 import struct
 import threading
 
-import keras
 import ml_dtypes
 import numpy as np
 import pytest
@@ -17,8 +16,8 @@ from safetensors.numpy import load_file, save_file
 
 import zoo
 from zoo import backend
-from zoo.checkpoint import (DTYPE_SIZES, MAPPED_BYTES, Checkpoint, PendingTensor, aligned_empty, astype_aligned,
-                            numpy_dtype, parse_size, write_checkpoint, write_safetensors)
+from zoo.checkpoint import (DTYPE_SIZES, Checkpoint, PendingTensor, numpy_dtype, parse_size, write_checkpoint,
+                            write_safetensors)
 from zoo.errors import (
     CheckpointError,
     ConfigError,
@@ -32,7 +31,7 @@ from zoo.errors import (
     ZooError,
 )
 from zoo.key_map import TRANSFORMS
-from zoo.layers import init
+from test_weights import storage_address
 from vit_reference import save_hf_vit
 
 CONFIG = dict(hidden_size=24, num_hidden_layers=2, num_attention_heads=2, intermediate_size=40,
@@ -226,7 +225,7 @@ def test_saved_preset_loads_with_its_file_as_the_weights(source, tmp_path):
     np.testing.assert_array_equal(backend.to_numpy(model(pixels)), expected)
     ranges = _file_ranges((saved / "model.safetensors").resolve())
     assert ranges, "the checkpoint file is not mapped"
-    in_file = {v.path for v in model.weights if any(a <= _storage_address(v) < b for a, b in ranges)}
+    in_file = {v.path for v in model.weights if any(a <= storage_address(v) < b for a, b in ranges)}
     for i in range(CONFIG["num_hidden_layers"]):  # weights read as they lie (reshaped at most) are the file's pages
         for part in ("attention/q_proj/kernel", "attention/o_proj/kernel", "fc1/kernel", "fc2/kernel"):
             assert any(p.endswith(f"layers_{i}/{part}") for p in in_file), (i, part, sorted(in_file))
@@ -322,117 +321,6 @@ def test_from_preset_leaves_no_reader_behind_and_the_collector_as_it_was(folder)
         assert not gc.isenabled()  # a user's choice is kept
     finally:
         gc.enable()
-
-
-def _storage_address(variable) -> int:
-    """Where the backend keeps the variable's values (on CPU)."""
-    value = variable.value
-    name = keras.backend.backend()
-    if name == "jax":
-        return value.unsafe_buffer_pointer()
-    if name == "torch":
-        return value.data_ptr()
-    return np.asarray(value.read_value()).ctypes.data  # ReadVariableOp on CPU hands out the variable's buffer
-
-
-@pytest.mark.parametrize("rows", [16, MAPPED_BYTES // 32], ids=["small", "mapped"])
-def test_set_value_adopts_fresh_aligned_buffers(rows):
-    def fresh(nbytes, offset=0):
-        return aligned_empty(nbytes + 64)[offset:offset + nbytes]
-
-    big = aligned_empty(MAPPED_BYTES, zeroed=True)
-    assert isinstance(big.base.obj, mmap.mmap) and not big.any()  # a mapping of ordinary pages, zero-filled
-    expected = np.arange(rows * 8, dtype=np.float32).reshape(rows, 8)
-    variable = keras.Variable(np.zeros((rows, 8), "float32"))
-    aligned = fresh(rows * 8 * 4).view(np.float32).reshape(rows, 8)
-    aligned[:] = expected
-    address = aligned.ctypes.data
-    assert address % 64 == 0
-    backend.set_value(variable, aligned)
-    assert _storage_address(variable) == address  # the buffer is the weight: no copy
-    del aligned
-    gc.collect()
-    np.testing.assert_array_equal(backend.to_numpy(variable.value), expected)
-    variable.assign(variable.value + 1)  # a later update (an optimiser step) still works
-    np.testing.assert_array_equal(backend.to_numpy(variable.value), expected + 1)
-
-
-def test_weights_built_under_skip_init_stay_independent():
-    with init.skip_init():
-        first, second = (keras.layers.Dense(8, kernel_initializer=init.normal()) for _ in range(2))
-        first.build((None, 4))
-        second.build((None, 4))
-    # JAX's placeholders are immutable arrays, one per shape and dtype; the others write in place.
-    assert (first.kernel.value is second.kernel.value) == (keras.backend.backend() == "jax")
-    backend.set_value(first.kernel, np.full((4, 8), 1.0, np.float32))
-    backend.set_value(second.kernel, np.full((4, 8), 2.0, np.float32))
-    first.kernel.assign(first.kernel.value + 1)
-    np.testing.assert_array_equal(backend.to_numpy(first.kernel.value), np.full((4, 8), 2.0))
-    np.testing.assert_array_equal(backend.to_numpy(second.kernel.value), np.full((4, 8), 2.0))
-    second.kernel.assign(second.kernel.value * 3)
-    np.testing.assert_array_equal(backend.to_numpy(first.kernel.value), np.full((4, 8), 2.0))
-
-
-def test_variables_built_for_loading_keep_their_keras_paths_and_values():
-    # Two layers of one shape whose variables share their leaf names: still two independent
-    # weights with their own Keras paths, trainable, and saved and found by those paths.
-    with backend.loading_variables():
-        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(4, name="a"), keras.layers.Dense(4, name="b")])
-    assert [v.path for v in model.weights] == ["sequential/a/kernel", "sequential/a/bias", "sequential/b/kernel",
-                                               "sequential/b/bias"]
-    if keras.backend.backend() == "tensorflow":
-        assert [v.value.name for v in model.weights] == ["kernel:0", "bias:0", "kernel:0", "bias:0"]
-        import tensorflow as tf
-
-        with backend.loading_variables(), tf.name_scope("outer"):
-            assert tf.Variable(1.0, name="given/").name == "given:0"  # a name TF takes as given stays
-    model.layers[0].kernel.assign(np.ones((4, 4), np.float32))
-    model.layers[1].kernel.assign(np.full((4, 4), 2.0, np.float32))
-    for layer in model.layers:
-        layer.bias.assign(np.zeros(4, np.float32))
-    np.testing.assert_allclose(backend.to_numpy(model(np.ones((1, 4), np.float32))), np.full((1, 4), 32.0))
-    model.compile(optimizer="sgd", loss="mse")
-    model.fit(np.ones((2, 4), np.float32), np.zeros((2, 4), np.float32), epochs=1, verbose=0)
-    assert not np.allclose(backend.to_numpy(model.layers[1].kernel.value), 2.0)  # both layers train
-    assert not np.allclose(backend.to_numpy(model.layers[0].kernel.value), 1.0)
-
-
-def test_weights_built_for_loading_take_the_checkpoint_values():
-    with init.skip_init(), backend.loading_variables():
-        layer = keras.layers.Dense(8, kernel_initializer=init.normal(), bias_initializer=init.zeros(), dtype="bfloat16")
-        layer.build((None, 4))
-    if keras.backend.backend() == "tensorflow":  # no initial value made: the checkpoint's is the first
-        assert not layer.kernel.value.is_initialized()
-    backend.set_value(layer.kernel, np.full((4, 8), 0.5, ml_dtypes.bfloat16))
-    backend.set_value(layer.bias, np.arange(8, dtype=ml_dtypes.bfloat16))
-    out = layer(np.ones((2, 4), "float32"))
-    np.testing.assert_array_equal(backend.to_numpy(keras.ops.cast(out, "float32")), np.tile(np.arange(8) + 2.0, (2, 1)))
-    layer.kernel.assign(layer.kernel.value * 2)
-    np.testing.assert_array_equal(backend.to_numpy(keras.ops.cast(layer.kernel.value, "float32")), np.ones((4, 8)))
-
-
-def test_set_value_copies_unaligned_strided_and_bfloat16_arrays():
-    # TensorFlow would abort on data that is not 64-byte aligned; NumPy's DLPack has no bfloat16.
-    variable = keras.Variable(np.zeros((16, 8), "float32"))
-    unaligned = aligned_empty(16 * 8 * 4 + 64)[16:16 + 16 * 8 * 4].view(np.float32).reshape(16, 8)
-    unaligned[:] = 3.0
-    backend.set_value(variable, unaligned)
-    assert float(backend.to_numpy(keras.ops.sum(variable.value * 2.0))) == 768.0
-    transposed = np.arange(128, dtype=np.float32).reshape(8, 16).T
-    backend.set_value(variable, transposed)
-    np.testing.assert_array_equal(backend.to_numpy(variable.value), transposed)
-    half = keras.Variable(np.zeros((4, 2), "float32"), dtype="bfloat16")
-    values = np.arange(8, dtype=np.float32).reshape(4, 2)
-    backend.set_value(half, values.astype(ml_dtypes.bfloat16))
-    np.testing.assert_array_equal(backend.to_numpy(keras.ops.cast(half.value, "float32")), values)
-
-
-def test_cast_weights_land_in_buffers_the_backends_adopt():
-    half = np.arange(96, dtype=np.float32).reshape(8, 12).astype(ml_dtypes.bfloat16)
-    for source in (half, half.T):
-        cast = astype_aligned(source, "float32")
-        assert cast.ctypes.data % 64 == 0 and cast.flags.c_contiguous and cast.dtype == np.float32
-        np.testing.assert_array_equal(cast, source.astype(np.float32))
 
 
 def test_parse_size():
@@ -604,61 +492,3 @@ def test_undecodable_image(tmp_path):
     with pytest.raises(ImageError, match="expected a uint8 array"):
         clf.preprocess(np.zeros((8, 8, 3), np.float32))
 
-
-def _offsets(path):
-    with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(length))
-    header.pop("__metadata__", None)
-    return {name: 8 + length + entry["data_offsets"][0] for name, entry in header.items()}
-
-
-def test_checkpoint_align_rewrites_library_files_that_still_load_everywhere(source, tmp_path, capsys):
-    from transformers import ViTForImageClassification
-
-    from zoo import cli
-
-    sharded = tmp_path / "sharded"  # transformers' own writer, three shards and an index
-    ViTForImageClassification.from_pretrained(source).save_pretrained(sharded, max_shard_size="12KB")
-    files = sorted(p.name for p in sharded.glob("*.safetensors"))
-    assert len(files) > 1 and (sharded / "model.safetensors.index.json").exists()
-    assert cli.main(["checkpoint", "align", str(sharded), "--output", str(tmp_path / "aligned")]) == 0
-    out = capsys.readouterr().out
-    aligned = tmp_path / "aligned"
-    assert sorted(p.name for p in aligned.glob("*.safetensors")) == files and len(out.splitlines()) == len(files)
-    for name in ["config.json", "model.safetensors.index.json"]:
-        assert (aligned / name).read_bytes() == (sharded / name).read_bytes()
-    for name in files:
-        before, after = load_file(sharded / name), load_file(aligned / name)
-        assert sorted(before) == sorted(after)
-        for key in before:
-            np.testing.assert_array_equal(before[key], after[key])
-            assert before[key].dtype == after[key].dtype
-        with safe_open(sharded / name, "np") as a, safe_open(aligned / name, "np") as b:
-            assert a.metadata() == b.metadata()
-        sizes = {key: value.nbytes for key, value in after.items()}
-        assert all(offset % 64 == 0 for key, offset in _offsets(aligned / name).items() if sizes[key] % 64 == 0)
-    pixels = np.random.default_rng(0).standard_normal((2, 16, 16, 3)).astype("float32")
-    expected = backend.to_numpy(zoo.ViTImageClassifier.from_preset(sharded)(pixels))
-    np.testing.assert_array_equal(backend.to_numpy(zoo.ViTImageClassifier.from_preset(aligned)(pixels)), expected)
-    assert ViTForImageClassification.from_pretrained(aligned) is not None  # transformers reads them too
-
-    in_place = shutil.copytree(sharded, tmp_path / "in_place")
-    assert cli.main(["checkpoint", "align", str(in_place)]) == 0
-    assert sorted(p.name for p in in_place.iterdir()) == sorted(p.name for p in sharded.iterdir())  # nothing left over
-    for name in files:
-        assert (in_place / name).read_bytes() == (aligned / name).read_bytes()
-
-
-def test_checkpoint_align_names_what_it_cannot_read(folder, tmp_path, capsys):
-    from zoo import cli
-    from zoo.checkpoint import align_checkpoint
-
-    with pytest.raises(PresetNotFoundError, match="model.safetensors"):
-        align_checkpoint(tmp_path / "empty")
-    original = (folder / "model.safetensors").read_bytes()
-    (folder / "model.safetensors").write_bytes(original[: len(original) // 2])  # cut short
-    assert cli.main(["checkpoint", "align", str(folder)]) == 1
-    assert "model.safetensors" in capsys.readouterr().err
-    assert (folder / "model.safetensors").read_bytes() == original[: len(original) // 2]  # left as it was
-    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]

@@ -167,7 +167,7 @@ def _add_download(sub) -> None:
 
 
 def _checkpoint_align(args) -> int:
-    from zoo.checkpoint import align_checkpoint
+    from zoo.checkpoints_tools.align import align_checkpoint
 
     for done in align_checkpoint(args.folder, args.output):
         print(f"{done.path}: {done.tensors} tensors, {done.aligned_before} 64-byte aligned before, "
