@@ -81,4 +81,3 @@ def _rewrite(path: Path, infos: list[TensorInfo], target: Path) -> None:
     finally:
         arrays = data = None  # the views go before their mapping closes
         mapping.close()
-

@@ -577,4 +577,3 @@ def _dtype_code(dtype: np.dtype, name: str) -> str:
         if numpy_dtype(code) == dtype.newbyteorder("<"):
             return code
     raise CheckpointError(f"tensor {name!r}: safetensors has no dtype for {dtype}; expected one of {sorted(DTYPE_SIZES)}")
-
