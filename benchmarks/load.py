@@ -40,7 +40,10 @@ def rss_mib() -> float:
 
 
 def peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM, the high-water mark of this process image: getrusage's ru_maxrss survives exec, so a
+    # worker would report the parent's peak (over 2 GiB after writing the checkpoint) as its own.
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
 
 
 def make_checkpoint() -> None:
