@@ -3,7 +3,7 @@
 Files written by the safetensors library (transformers' `save_pretrained`, most of the Hub)
 place tensors 8-byte aligned, and JAX and TensorFlow use host memory in place only at
 64-byte-aligned addresses, so loading such a file reads every tensor into fresh memory
-(`zoo.checkpoint.Checkpoint.read_many`). The rewritten files, by `zoo.checkpoint.write_safetensors`,
+(`zoo.checkpoint.Checkpoint.read_many`). The rewritten files, by `zoo.safetensors_file.write_safetensors`,
 hold the same tensors (for shards, those the index names), names, shapes, dtypes and metadata in
 the same shards under the same names, and load in the safetensors library and in transformers as before.
 
@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 from safetensors import safe_open
 
-from zoo.checkpoint import ALIGNMENT, Checkpoint, TensorInfo, numpy_dtype, write_safetensors
+from zoo.checkpoint import Checkpoint
+from zoo.safetensors_file import ALIGNMENT, TensorInfo, numpy_dtype, write_safetensors
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,8 @@ from safetensors.numpy import load_file, save_file
 
 import zoo
 from zoo import backend
-from zoo.checkpoint import (DTYPE_SIZES, Checkpoint, PendingTensor, numpy_dtype, parse_size, write_checkpoint,
-                            write_safetensors)
+from zoo.checkpoint import Checkpoint, PendingTensor, parse_size, write_checkpoint
+from zoo.safetensors_file import DTYPE_SIZES, numpy_dtype, write_safetensors
 from zoo.errors import (
     CheckpointError,
     ConfigError,

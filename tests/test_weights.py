@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from zoo import backend
-from zoo.checkpoint import MAPPED_BYTES, aligned_empty, astype_aligned
+from zoo.safetensors_file import MAPPED_BYTES, aligned_empty, astype_aligned
 from zoo.layers import init
 
 

@@ -163,7 +163,7 @@ def _jax_placeholder(shape, dtype):
     # a fill per shape (1.2 s for a ViT) and write every page.
     import jax
 
-    from zoo.checkpoint import aligned_empty
+    from zoo.safetensors_file import aligned_empty
     from zoo.layers.dtypes import host_dtype
 
     np_dtype = host_dtype(str(dtype))
@@ -248,7 +248,7 @@ def _tf_adopt(variable, array):
     """
     import tensorflow as tf
 
-    from zoo.checkpoint import ALIGNMENT
+    from zoo.safetensors_file import ALIGNMENT
 
     value = variable.value
     if (array.size and array.flags.c_contiguous and array.ctypes.data % ALIGNMENT == 0

@@ -17,12 +17,13 @@ import keras
 import numpy as np
 
 from zoo import backend, hub
-from zoo.checkpoint import DEFAULT_MAX_SHARD_SIZE, DTYPE_SIZES, Checkpoint, write_checkpoint
+from zoo.checkpoint import DEFAULT_MAX_SHARD_SIZE, Checkpoint, write_checkpoint
 from zoo.errors import ConfigError, PresetNotFoundError
 from zoo.key_map import export, load, plan, weights_by_path
 from zoo.layers.dtypes import host_dtype
 from zoo.layers.init import skip_init
 from zoo.models import registry
+from zoo.safetensors_file import DTYPE_SIZES
 
 SOURCE_FILE = "zoo_source.json"  # where save_preset records the hub revision a model came from
 CONFIG_FILE = "config.json"

@@ -1,0 +1,321 @@
+"""One safetensors file: its header, its tensors read into aligned buffers (ahead, in threads), writing one.
+
+`zoo.checkpoint` lists a checkpoint folder's tensors and hands them to the loader; the pieces
+here deal with a single file. `read_header` validates a header with the safetensors library and
+says which part of a file it rejected. `read_tensor` reads one tensor's bytes straight into a
+fresh 64-byte-aligned buffer (`aligned_empty`), which JAX and TensorFlow adopt without a copy;
+the safetensors library has no call that reads into a buffer we give it, hence the few lines
+of our own. `Prefetcher` runs those reads in background threads. `write_safetensors` writes a
+file whose sizeable tensors all lie 64-byte aligned (the library's writer has no such option).
+"""
+
+import json
+import math
+import mmap
+import struct
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from safetensors import SafetensorError, safe_open
+
+from zoo.errors import CheckpointError, CorruptCheckpointError
+
+# Bytes per element of each safetensors dtype code.
+DTYPE_SIZES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+    "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where a checkpoint tensor lives and what its header says it is."""
+
+    name: str
+    file: Path
+    shape: tuple[int, ...]
+    dtype: str
+    offset: int = -1  # where its bytes start in the file
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPE_SIZES[self.dtype]
+
+FLOAT_CODES = ("F", "BF")  # safetensors dtype codes of floating-point tensors: F16, F32, BF16, F8_E4M3...
+
+
+def numpy_dtype(code: str):
+    """The NumPy dtype of a safetensors dtype code (bfloat16 and float8 through ml_dtypes)."""
+    import ml_dtypes
+
+    special = {"BF16": ml_dtypes.bfloat16, "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
+               "BOOL": np.bool_}
+    if code in special:
+        return np.dtype(special[code])
+    return np.dtype(f"<{code[0].lower()}{int(code[1:]) // 8}")  # "F32" -> "<f4", "I64" -> "<i8"
+
+ALIGNMENT = 64  # what XLA:CPU needs to adopt a host buffer without copying it; TensorFlow aborts on less
+
+
+MAPPED_BYTES = 4 * 2**20  # from this size on, buffers are anonymous mappings of ordinary pages
+
+
+_MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # Linux only; elsewhere pages fault in as written
+
+
+def aligned_empty(nbytes: int, zeroed: bool = False) -> np.ndarray:
+    """A uint8 buffer of nbytes whose data starts on a 64-byte boundary, uninitialised unless `zeroed`.
+
+    Zeroed buffers cost nothing until written (calloc'ed pages, or a fresh mapping). Large buffers
+    are anonymous mappings rather than NumPy arrays, because NumPy asks for transparent huge pages
+    from 4 MiB on, and those were slower to fault in: a 1 GB checkpoint read on one thread took
+    1.23-1.56 s into NumPy's buffers and 0.81-0.89 s into mappings on the VM of
+    benchmarks/RESULTS.md, while products over the weights and decoding ran no slower from
+    ordinary pages (see RESULTS.md). A large buffer that is not asked to be zeroed is about to be
+    written in full, so its pages are faulted in by the kernel at once (`MAP_POPULATE`) rather
+    than one trap per page while it is written: the same 1 GB read took 0.74-0.88 s against
+    0.97-1.19 s.
+    """
+    if nbytes >= MAPPED_BYTES:
+        if zeroed or not _MAP_POPULATE:
+            return np.frombuffer(mmap.mmap(-1, nbytes), np.uint8)  # page-aligned and zero-filled
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_POPULATE
+        return np.frombuffer(mmap.mmap(-1, nbytes, flags=flags), np.uint8)
+    raw = (np.zeros if zeroed else np.empty)(nbytes + ALIGNMENT, np.uint8)
+    start = -raw.ctypes.data % ALIGNMENT
+    return raw[start : start + nbytes]
+
+
+def astype_aligned(array: np.ndarray, dtype) -> np.ndarray:
+    """`array.astype(dtype)` into a fresh 64-byte-aligned buffer, which JAX and TensorFlow adopt as
+    it is (NumPy's own allocations are 16-byte aligned, so the backend would copy once more)."""
+    dtype = np.dtype(dtype)
+    out = aligned_empty(array.size * dtype.itemsize).view(dtype).reshape(array.shape)
+    np.copyto(out, array, casting="unsafe")
+    return out
+
+def read_tensor(handle, info: TensorInfo) -> np.ndarray:
+    """One tensor's bytes, read from an open file into a fresh 64-byte-aligned buffer."""
+    buffer = aligned_empty(info.nbytes)
+    try:
+        handle.seek(info.offset)
+        view, done = memoryview(buffer), 0
+        while done < info.nbytes:
+            got = handle.readinto(view[done:])
+            if not got:
+                raise OSError(f"the file ends {info.nbytes - done} bytes into the tensor's data")
+            done += got
+    except OSError as e:
+        raise CorruptCheckpointError(
+            f"{info.file.name}: cannot read tensor {info.name!r} (expected {info.dtype} {info.shape}): {e}"
+        ) from e
+    return buffer.view(numpy_dtype(info.dtype)).reshape(info.shape)
+
+
+class Prefetcher:
+    """Background threads reading tensors ahead of their use (see `zoo.checkpoint.Checkpoint.prefetch`).
+
+    `readinto` releases the GIL, so the copies run while the caller's thread builds Keras
+    layers. Without a window, several readers may help, because a read into fresh pages mostly
+    waits for the kernel to fault them in (`backend.read_ahead_threads` says how many each
+    backend takes). Readers claim tensors in file order and reserve their bytes before reading,
+    so the window bounds what is read or being read. Errors are kept and raised by `take` for
+    the tensor that failed; the other readers then stop.
+    """
+
+    def __init__(self, order: list[TensorInfo], max_bytes: int | None, threads: int, cast_to=None):
+        self._cond = threading.Condition()
+        self._order = order
+        self._index = {info.name: i for i, info in enumerate(order)}
+        self._next = 0  # the next tensor in `order` to claim
+        self._claimed: set[str] = set()  # being read now
+        self._ready: dict[str, np.ndarray | Exception] = {}
+        self._taken: set[str] = set()
+        self._ahead = 0  # bytes read or being read and not yet taken
+        self._max_bytes = max_bytes
+        self._cast_to = None if cast_to is None else np.dtype(cast_to)
+        self._waiting = 0  # readers blocked until the window has room
+        self._running = threads
+        self._stopped = self._failed = False
+        self._threads = [threading.Thread(target=self._run, name="zoo-checkpoint-prefetch", daemon=True)
+                         for _ in range(threads)]
+        for thread in self._threads:
+            thread.start()
+
+    def _claim(self) -> TensorInfo | None:
+        """The next tensor to read, its bytes reserved; None once there is nothing left to read."""
+        with self._cond:
+            while True:
+                while self._next < len(self._order) and self._order[self._next].name in self._taken:
+                    self._next += 1
+                if self._stopped or self._failed or self._next >= len(self._order):
+                    return None
+                info = self._order[self._next]
+                if self._max_bytes is None or self._ahead == 0 or self._ahead + info.nbytes <= self._max_bytes:
+                    self._next += 1
+                    self._claimed.add(info.name)
+                    self._ahead += info.nbytes
+                    return info
+                self._waiting += 1
+                self._cond.notify_all()  # a caller waiting on this reader reads for itself
+                self._cond.wait()
+                self._waiting -= 1
+
+    def _run(self) -> None:
+        handles = {}
+        try:
+            while (info := self._claim()) is not None:
+                try:
+                    if info.file not in handles:
+                        handles[info.file] = open(info.file, "rb", buffering=0)
+                    result = read_tensor(handles[info.file], info)
+                    cast = self._cast_to
+                    if cast is not None and info.dtype.startswith(FLOAT_CODES) and result.dtype != cast:
+                        result = astype_aligned(result, cast)
+                except CorruptCheckpointError as e:
+                    result = e
+                except OSError:
+                    result = None  # e.g. the file vanished: the caller's own read reports it
+                with self._cond:
+                    self._claimed.discard(info.name)
+                    if isinstance(result, np.ndarray) and not self._stopped:
+                        self._ready[info.name] = result
+                    else:
+                        self._ahead -= info.nbytes
+                        if not isinstance(result, np.ndarray):  # an error, or a file that would not open
+                            self._failed = True
+                            if result is not None and not self._stopped:
+                                self._ready[info.name] = result
+                    self._cond.notify_all()
+        finally:
+            for handle in handles.values():
+                handle.close()
+            with self._cond:
+                self._running -= 1
+                self._cond.notify_all()
+
+    def _coming(self, name: str) -> bool:
+        """Whether a reader is reading `name` or will claim it without the caller taking anything."""
+        if name in self._claimed:
+            return True
+        i = self._index.get(name)
+        return (i is not None and i >= self._next and not (self._stopped or self._failed)
+                and self._running > self._waiting)
+
+    def take(self, name: str) -> np.ndarray | None:
+        """The prefetched tensor, or None if the caller should read it itself (not reached yet)."""
+        with self._cond:
+            while name not in self._ready and self._coming(name):
+                self._cond.wait()
+            self._taken.add(name)
+            result = self._ready.pop(name, None)
+            if isinstance(result, np.ndarray):
+                self._ahead -= self._order[self._index[name]].nbytes  # what its reader reserved
+            self._cond.notify_all()
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._ready.clear()
+            self._cond.notify_all()
+        for thread in self._threads:
+            thread.join()
+
+def read_header(path: Path) -> dict[str, tuple[tuple[int, ...], str, int]]:
+    """Name -> (shape, dtype, byte offset in the file), the header validated by the safetensors library."""
+    try:
+        with safe_open(path, framework="numpy") as f:
+            slices = {name: f.get_slice(name) for name in f.keys()}
+            header = {name: (tuple(sl.get_shape()), sl.get_dtype()) for name, sl in slices.items()}
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            raw = json.loads(f.read(length))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CorruptCheckpointError(_diagnose(path, e)) from e
+    start = 8 + length
+    return {name: (shape, dtype, start + raw[name]["data_offsets"][0]) for name, (shape, dtype) in header.items()}
+
+
+def _diagnose(path: Path, error: Exception) -> str:
+    """Says which part of a file the safetensors library rejected, naming the tensor if one lies."""
+    prefix = f"{path.name}: not a valid safetensors file ({error})"
+    size = path.stat().st_size if path.exists() else 0
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"{prefix}: the file has {size} bytes, fewer than the 8-byte header length"
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            return f"{prefix}: the header claims {n} bytes but the file has {size - 8} after the length; truncated?"
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            return f"{prefix}: the header is not valid JSON; the file is corrupt"
+    data_size = size - 8 - n
+    header.pop("__metadata__", None)
+    end = 0
+    for name, entry in header.items():
+        try:
+            begin, stop = entry["data_offsets"]
+            nbytes = math.prod(entry["shape"]) * DTYPE_SIZES[entry["dtype"]]
+        except (KeyError, TypeError, ValueError):
+            return f"{prefix}: the header entry for tensor {name!r} is malformed: {entry!r}"
+        if stop - begin != nbytes:
+            return (
+                f"{prefix}: tensor {name!r} is declared {entry['dtype']} {tuple(entry['shape'])} "
+                f"({nbytes} bytes) but its data offsets span {stop - begin} bytes"
+            )
+        if stop > data_size:
+            return (
+                f"{prefix}: tensor {name!r} ends at byte {stop} of the data but the file holds only "
+                f"{data_size} bytes of data; the file is truncated"
+            )
+        end = max(end, stop)
+    if end != data_size:
+        return f"{prefix}: the tensors cover {end} bytes of data but the file holds {data_size}; truncated or padded"
+    return prefix
+
+
+# ----------------------------------------------------------------------------- writing
+
+def write_safetensors(path: Path, arrays: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
+    """Writes a safetensors file whose data section starts on a 64-byte boundary.
+
+    The format lets the header end in spaces, and the safetensors library pads it to 8 bytes
+    only (it has no option for more), so a file it writes maps its tensors at addresses that
+    JAX and TensorFlow cannot use in place. Here the header is padded to 64 bytes and the
+    tensors whose size is a multiple of 64 bytes come first, so each of those (every sizeable
+    weight in practice) lies 64-byte aligned and `Checkpoint.read_many` hands out views of the
+    file's mapping instead of copies. The rest follow from the widest element to the narrowest,
+    which keeps every tensor aligned to its own element size, as the library's writer does.
+    """
+    arrays = {name: np.asarray(array, dtype=np.asarray(array).dtype.newbyteorder("<"), order="C")
+              for name, array in arrays.items()}  # little-endian, C order; 0-d arrays stay 0-d
+    order = sorted(arrays, key=lambda n: (arrays[n].nbytes % ALIGNMENT != 0, -arrays[n].dtype.itemsize, n))
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name in order:
+        array = arrays[name]
+        header[name] = {"dtype": _dtype_code(array.dtype, name), "shape": list(array.shape),
+                        "data_offsets": [offset, offset + array.nbytes]}
+        offset += array.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-(8 + len(text)) % ALIGNMENT)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        for name in order:
+            f.write(arrays[name].reshape(-1).view(np.uint8).data)
+
+
+def _dtype_code(dtype: np.dtype, name: str) -> str:
+    """The safetensors dtype code of a NumPy dtype (the inverse of `numpy_dtype`)."""
+    for code in DTYPE_SIZES:
+        if numpy_dtype(code) == dtype.newbyteorder("<"):
+            return code
+    raise CheckpointError(f"tensor {name!r}: safetensors has no dtype for {dtype}; expected one of {sorted(DTYPE_SIZES)}")
