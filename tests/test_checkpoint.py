@@ -17,7 +17,6 @@ from safetensors.numpy import load_file, save_file
 import zoo
 from zoo import backend
 from zoo.checkpoint import Checkpoint, PendingTensor, parse_size, write_checkpoint
-from zoo.safetensors_file import DTYPE_SIZES, numpy_dtype, write_safetensors
 from zoo.errors import (
     CheckpointError,
     ConfigError,
@@ -31,6 +30,7 @@ from zoo.errors import (
     ZooError,
 )
 from zoo.key_map import TRANSFORMS
+from zoo.safetensors_file import DTYPE_SIZES, numpy_dtype, write_safetensors
 from test_weights import storage_address
 from vit_reference import save_hf_vit
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from zoo import backend
-from zoo.safetensors_file import MAPPED_BYTES, aligned_empty, astype_aligned
 from zoo.layers import init
+from zoo.safetensors_file import MAPPED_BYTES, aligned_empty, astype_aligned
 
 
 def storage_address(variable) -> int:

@@ -163,8 +163,8 @@ def _jax_placeholder(shape, dtype):
     # a fill per shape (1.2 s for a ViT) and write every page.
     import jax
 
-    from zoo.safetensors_file import aligned_empty
     from zoo.layers.dtypes import host_dtype
+    from zoo.safetensors_file import aligned_empty
 
     np_dtype = host_dtype(str(dtype))
     buffer = aligned_empty(int(np.prod(shape)) * np_dtype.itemsize, zeroed=True)

@@ -18,9 +18,9 @@ import numpy as np
 
 from zoo import backend
 from zoo.checkpoint import Checkpoint, PendingTensor
-from zoo.safetensors_file import TensorInfo, astype_aligned
 from zoo.errors import CheckpointError, MissingWeightsError, ShapeMismatchError, UnexpectedWeightsError
 from zoo.layers.dtypes import host_dtype
+from zoo.safetensors_file import TensorInfo, astype_aligned
 
 Shape = tuple[int, ...]
 
