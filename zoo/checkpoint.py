@@ -219,6 +219,9 @@ def _no_weights_message(folder: Path) -> str:
     )
 
 
+# ----------------------------------------------------------------------------- writing
+
+
 def parse_size(size: int | str) -> int:
     """`5 * 2**30`, "5GB" or "500MiB" -> bytes."""
     if isinstance(size, int):

@@ -43,6 +43,7 @@ class TensorInfo:
     def nbytes(self) -> int:
         return math.prod(self.shape) * DTYPE_SIZES[self.dtype]
 
+
 FLOAT_CODES = ("F", "BF")  # safetensors dtype codes of floating-point tensors: F16, F32, BF16, F8_E4M3...
 
 
@@ -55,6 +56,7 @@ def numpy_dtype(code: str):
     if code in special:
         return np.dtype(special[code])
     return np.dtype(f"<{code[0].lower()}{int(code[1:]) // 8}")  # "F32" -> "<f4", "I64" -> "<i8"
+
 
 ALIGNMENT = 64  # what XLA:CPU needs to adopt a host buffer without copying it; TensorFlow aborts on less
 
@@ -95,6 +97,7 @@ def astype_aligned(array: np.ndarray, dtype) -> np.ndarray:
     out = aligned_empty(array.size * dtype.itemsize).view(dtype).reshape(array.shape)
     np.copyto(out, array, casting="unsafe")
     return out
+
 
 def read_tensor(handle, info: TensorInfo) -> np.ndarray:
     """One tensor's bytes, read from an open file into a fresh 64-byte-aligned buffer."""
@@ -226,6 +229,7 @@ class Prefetcher:
         for thread in self._threads:
             thread.join()
 
+
 def read_header(path: Path) -> dict[str, tuple[tuple[int, ...], str, int]]:
     """Name -> (shape, dtype, byte offset in the file), the header validated by the safetensors library."""
     try:
@@ -282,6 +286,7 @@ def _diagnose(path: Path, error: Exception) -> str:
 
 
 # ----------------------------------------------------------------------------- writing
+
 
 def write_safetensors(path: Path, arrays: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
     """Writes a safetensors file whose data section starts on a 64-byte boundary.
