@@ -31,7 +31,7 @@ from zoo.errors import (
 )
 from zoo.key_map import TRANSFORMS
 from zoo.safetensors_file import DTYPE_SIZES, numpy_dtype, write_safetensors
-from test_weights import storage_address
+from backend_storage import storage_address
 from vit_reference import save_hf_vit
 
 CONFIG = dict(hidden_size=24, num_hidden_layers=2, num_attention_heads=2, intermediate_size=40,

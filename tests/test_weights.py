@@ -11,17 +11,7 @@ import pytest
 from zoo import backend
 from zoo.layers import init
 from zoo.safetensors_file import MAPPED_BYTES, aligned_empty, astype_aligned
-
-
-def storage_address(variable) -> int:
-    """Where the backend keeps the variable's values (on CPU)."""
-    value = variable.value
-    name = keras.backend.backend()
-    if name == "jax":
-        return value.unsafe_buffer_pointer()
-    if name == "torch":
-        return value.data_ptr()
-    return np.asarray(value.read_value()).ctypes.data  # ReadVariableOp on CPU hands out the variable's buffer
+from backend_storage import storage_address
 
 
 @pytest.mark.parametrize("rows", [16, MAPPED_BYTES // 32], ids=["small", "mapped"])
