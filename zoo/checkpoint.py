@@ -8,11 +8,13 @@ tensor whose bytes start on a 64-byte boundary of the file is a view of a privat
 which JAX and TensorFlow (on CPU) take as the weight itself; the others are read straight into
 fresh 64-byte-aligned buffers, one `readinto` each, which those backends adopt without a copy,
 so the file's bytes are copied once. Reading through the safetensors library instead would
-copy them twice and keep the mapped pages resident (a second copy of the weights at the peak);
-the single-file reading and writing live in `zoo.safetensors_file`. `Checkpoint.prefetch` moves those reads to background threads, so that they overlap the
-building of the model (`from_preset` starts them before the layers exist). `write_safetensors`
-writes files whose sizeable tensors all lie 64-byte aligned (the library's writer has no such
-option), so a checkpoint saved here loads on every backend without reading it.
+copy them twice and keep the mapped pages resident (a second copy of the weights at the peak).
+`Checkpoint.prefetch` moves those reads to background threads, so that they overlap the
+building of the model (`from_preset` starts them before the layers exist). `write_checkpoint`
+writes the same layout back, each file with every sizeable tensor 64-byte aligned, so a
+checkpoint saved here loads on every backend without reading it. What concerns one file
+(header, reads into aligned buffers, the read-ahead threads, the aligned writer) lives in
+`zoo.safetensors_file`.
 """
 
 import itertools
