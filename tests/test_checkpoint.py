@@ -102,6 +102,15 @@ def test_every_dtype_code_reads_as_its_numpy_type(tmp_path):
         assert array.ctypes.data % 64 == 0, f"{name} is not 64-byte aligned"  # XLA adopts it without a copy
 
 
+@pytest.mark.parametrize("code, size", [("F8_E8M0", 1), ("C64", 8)])
+def test_dtype_the_library_knows_but_we_cannot_read(tmp_path, code, size):
+    """safetensors accepts these codes; opening names the file, the tensor and the dtypes read here."""
+    header = json.dumps({"scales": {"dtype": code, "shape": [2], "data_offsets": [0, 2 * size]}}).encode()
+    (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(2 * size))
+    with pytest.raises(CheckpointError, match=rf"model.safetensors: tensor 'scales' is {code} \(2,\); .*'F32'"):
+        Checkpoint.open(tmp_path)
+
+
 def test_file_cut_short_after_opening(folder):
     ckpt = Checkpoint.open(folder)
     path = folder / "model.safetensors"

@@ -19,7 +19,6 @@ checkpoint saved here loads on every backend without reading it. What concerns o
 
 import itertools
 import json
-import math
 import mmap
 import os
 import re
@@ -30,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from zoo.errors import CorruptCheckpointError, PresetNotFoundError
-from zoo.safetensors_file import (ALIGNMENT, DTYPE_SIZES, FLOAT_CODES, Prefetcher, TensorInfo, numpy_dtype, read_header,
+from zoo.safetensors_file import (ALIGNMENT, FLOAT_CODES, Prefetcher, TensorInfo, numpy_dtype, read_header,
                                   read_tensor, write_safetensors)
 
 SINGLE_FILE = "model.safetensors"
@@ -184,9 +183,6 @@ class Checkpoint:
     @property
     def files(self) -> list[Path]:
         return sorted({info.file for info in self.tensors.values()})
-
-    def total_bytes(self) -> int:
-        return sum(math.prod(t.shape) * DTYPE_SIZES.get(t.dtype, 4) for t in self.tensors.values())
 
 
 def _files_from_index(folder: Path) -> dict[Path, list[str]]:

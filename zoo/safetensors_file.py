@@ -241,6 +241,10 @@ def read_header(path: Path) -> dict[str, tuple[tuple[int, ...], str, int]]:
             raw = json.loads(f.read(length))
     except (SafetensorError, OSError, ValueError) as e:
         raise CorruptCheckpointError(_diagnose(path, e)) from e
+    for name, (shape, dtype) in header.items():  # the library knows dtypes keras-zoo has no NumPy type for
+        if dtype not in DTYPE_SIZES:
+            raise CheckpointError(f"{path.name}: tensor {name!r} is {dtype} {shape}; keras-zoo reads the dtypes "
+                                  f"{sorted(DTYPE_SIZES)}")
     start = 8 + length
     return {name: (shape, dtype, start + raw[name]["data_offsets"][0]) for name, (shape, dtype) in header.items()}
 
