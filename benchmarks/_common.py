@@ -21,11 +21,11 @@ RESULTS = Path(__file__).with_name("RESULTS.md")
 BACKENDS = ("jax", "torch", "tensorflow")
 
 
-def run_worker(script: str, backend: str, args: list[str], timeout: int = 1800) -> dict:
-    """Runs `script --worker` under `backend` and returns the JSON it prints last."""
+def run_worker(script: str, backend: str, args: list[str], timeout: int = 1800, python: str | None = None) -> dict:
+    """Runs `script --worker` under `backend` (with `python`, default this one) and returns the JSON it prints last."""
     env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
-    proc = subprocess.run([sys.executable, script, "--worker", *args], env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run([python or sys.executable, script, "--worker", *args], env=env, capture_output=True,
+                          text=True, timeout=timeout)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode or not lines:
         raise RuntimeError(f"{backend} worker failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
