@@ -118,8 +118,11 @@ def own_python(loader: str, backend: str) -> str:
     steps = OWN_PACKAGES["transformers" if loader == "transformers" else backend]
     for i, packages in enumerate(steps):
         extra = [] if loader == "transformers" or i < len(steps) - 1 else ["-e", f"{REPO}[{backend}]"]
-        subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-                        *map(_pinned, packages), *extra], check=True)
+        command = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                   *map(_pinned, packages), *extra]
+        if subprocess.run(command).returncode:
+            raise SystemExit(f"could not make {env}: `{' '.join(command[3:])}` failed; "
+                             "`--envs shared` runs without the loaders' own environments")
     done.touch()
     return str(python)
 
