@@ -12,6 +12,7 @@ from typing import Any
 
 from zoo.errors import ConfigError
 from zoo.layers import activations
+from zoo.models.fields import Fields
 
 FULL, SLIDING = "full_attention", "sliding_attention"
 MODEL_TYPES = ("gemma", "gemma2", "gemma3_text")
@@ -68,11 +69,16 @@ class GemmaConfig:
     def __post_init__(self):
         if self.model_type not in MODEL_TYPES:
             raise ConfigError(f"model_type: expected one of {MODEL_TYPES}, got {self.model_type!r}")
+        fields = Fields(dataclasses.asdict(self), "GemmaConfig")  # as from_hf checks, for direct use
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "head_dim",
+                     "max_position_embeddings"):
+            fields.integer(name)
+        fields.integer("num_layers", minimum=0)
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(f"num_attention_heads {self.num_heads} is not a multiple of num_key_value_heads {self.num_kv_heads}")
         activations.get(self.hidden_act)
         types = self.layer_types if self.layer_types is not None else self._default_layer_types()
-        if len(types) != self.num_layers or set(types) - {FULL, SLIDING}:
+        if len(types) != self.num_layers or any(t not in (FULL, SLIDING) for t in types):
             raise ConfigError(f"layer_types: expected {self.num_layers} of {FULL!r}/{SLIDING!r}, got {list(types)}")
         if SLIDING in types and not self.sliding_window:
             raise ConfigError("layer_types has sliding_attention layers but sliding_window is not set")
@@ -124,44 +130,47 @@ class GemmaConfig:
             raise ConfigError(f"{where}: expected model_type in {MODEL_TYPES}, got {model_type!r}")
         if raw.get("use_bidirectional_attention"):
             raise ConfigError(f"{where}: use_bidirectional_attention=true is not supported (keras-zoo's Gemma is causal)")
-        get = _Fields(raw, where)
-        hidden, heads = get.int("hidden_size"), get.int("num_attention_heads")
-        layers = get.int("num_hidden_layers")
-        eos = raw.get("eos_token_id", 1)
-        act = raw.get("hidden_activation") or raw.get("hidden_act") or "gelu_pytorch_tanh"
+        get = Fields(raw, where)
+        hidden, heads = get.integer("hidden_size"), get.integer("num_attention_heads")
+        layers = get.integer("num_hidden_layers", minimum=0)
+        act = get.text("hidden_activation", None) or get.text("hidden_act", None) or "gelu_pytorch_tanh"
         if model_type == "gemma" and act == "gelu":  # as transformers: the official releases meant the tanh form
             act = "gelu_pytorch_tanh"
-        sliding = raw.get("sliding_window") if model_type != "gemma" else None
+        gemma2_on = model_type != "gemma"  # fields Gemma 1 does not have
+        sliding = get.integer("sliding_window", None) if gemma2_on else None
         layer_types = raw.get("layer_types")
+        if layer_types is not None and not isinstance(layer_types, list):
+            raise ConfigError(f"{where}: field 'layer_types' should be a list, got {layer_types!r}")
         if layer_types is None and model_type == "gemma3_text" and sliding:
-            every = raw.get("sliding_window_pattern", 6)
+            every = get.integer("sliding_window_pattern", 6)
             layer_types = [SLIDING if (i + 1) % every else FULL for i in range(layers)]
         dtype = raw.get("dtype", raw.get("torch_dtype")) or "float32"
         if dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"{where}: dtype {dtype!r} is not one of float32, bfloat16, float16")
+        eos = _token_ids(raw, "eos_token_id", 1, where)
         return cls(
             model_type=model_type,
-            vocab_size=get.int("vocab_size"),
+            vocab_size=get.integer("vocab_size"),
             hidden_size=hidden,
-            intermediate_size=get.int("intermediate_size"),
+            intermediate_size=get.integer("intermediate_size"),
             num_layers=layers,
             num_heads=heads,
-            num_kv_heads=raw.get("num_key_value_heads") or heads,
-            head_dim=raw.get("head_dim") or hidden // heads,
+            num_kv_heads=get.integer("num_key_value_heads", heads),
+            head_dim=get.integer("head_dim", hidden // heads),
             hidden_act=act,
-            max_position_embeddings=raw.get("max_position_embeddings", 8192),
-            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            max_position_embeddings=get.integer("max_position_embeddings", 8192),
+            rms_norm_eps=get.number("rms_norm_eps", 1e-6, minimum=0.0),
             rope=_read_rope(raw, model_type, where),
-            attention_bias=bool(raw.get("attention_bias", False)),
-            query_pre_attn_scalar=raw.get("query_pre_attn_scalar") if model_type != "gemma" else None,
-            attn_logit_softcapping=raw.get("attn_logit_softcapping") if model_type != "gemma" else None,
-            final_logit_softcapping=raw.get("final_logit_softcapping") if model_type != "gemma" else None,
+            attention_bias=get.flag("attention_bias", False),
+            query_pre_attn_scalar=get.number("query_pre_attn_scalar", None, positive=True) if gemma2_on else None,
+            attn_logit_softcapping=get.number("attn_logit_softcapping", None, positive=True) if gemma2_on else None,
+            final_logit_softcapping=get.number("final_logit_softcapping", None, positive=True) if gemma2_on else None,
             sliding_window=sliding,
             layer_types=tuple(layer_types) if layer_types is not None else None,
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings", True)),
-            bos_token_id=raw.get("bos_token_id", 2),
-            eos_token_id=tuple(eos) if isinstance(eos, list) else (eos,) if eos is not None else (),
-            pad_token_id=raw.get("pad_token_id", 0),
+            tie_word_embeddings=get.flag("tie_word_embeddings", True),
+            bos_token_id=_token_id(raw, "bos_token_id", 2, where),
+            eos_token_id=eos,
+            pad_token_id=_token_id(raw, "pad_token_id", 0, where),
             dtype=dtype,
             extras={
                 **{k: raw[k] for k in PASSTHROUGH if k in raw},
@@ -207,38 +216,57 @@ class GemmaConfig:
 _ARCHITECTURES = {"gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
 
 
-class _Fields:
-    def __init__(self, raw: dict, where: str):
-        self.raw, self.where = raw, where
+def _is_token_id(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
-    def int(self, key: str) -> int:
-        value = self.raw.get(key)
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ConfigError(f"{self.where}: field {key!r} should be a positive int, got {value!r}")
-        return value
+
+def _token_id(raw: dict, key: str, default: int, where: str) -> int | None:
+    """A token id; null means none (unlike other fields, where null means the default)."""
+    value = raw.get(key, default)
+    if value is not None and not _is_token_id(value):
+        raise ConfigError(f"{where}: field {key!r} should be a token id (an int >= 0) or null, got {value!r}")
+    return value
+
+
+def _token_ids(raw: dict, key: str, default: int, where: str) -> tuple[int, ...]:
+    """One token id, a list of them (eos_token_id) or null, as a tuple."""
+    value = raw.get(key, default)
+    ids = value if isinstance(value, list) else [] if value is None else [value]
+    if not all(map(_is_token_id, ids)):
+        raise ConfigError(f"{where}: field {key!r} should be a token id (an int >= 0), a list of them or null, "
+                          f"got {value!r}")
+    return tuple(ids)
 
 
 def _rope_from(params: dict, default_theta: float, where: str) -> Rope:
+    get = Fields(params, f"{where} rope parameters")
     kind = params.get("rope_type", params.get("type", "default"))
     if kind not in ROPE_TYPES:
         raise ConfigError(f"{where}: rope_type {kind!r} is not supported; keras-zoo implements {ROPE_TYPES}")
-    factor = float(params.get("factor", 1.0)) if kind == "linear" else 1.0
-    return Rope(float(params.get("rope_theta", default_theta)), factor)
+    factor = get.number("factor", 1.0, positive=True) if kind == "linear" else 1.0
+    return Rope(get.number("rope_theta", default_theta, positive=True), factor)
 
 
 def _read_rope(raw: dict, model_type: str, where: str) -> dict[str, Rope]:
     params = raw.get("rope_parameters")
+    if params is not None and not isinstance(params, dict):
+        raise ConfigError(f"{where}: field 'rope_parameters' should be an object, got {params!r}")
     if model_type == "gemma3_text":
         if isinstance(params, dict) and FULL in params:  # transformers 5: one entry per layer type
             return {FULL: _rope_from(params[FULL], 1e6, where), SLIDING: _rope_from(params.get(SLIDING, {}), 1e4, where)}
-        full = dict(raw.get("rope_scaling") or {}, rope_theta=raw.get("rope_theta", 1e6))
+        full = dict(_rope_scaling(raw, where), rope_theta=raw.get("rope_theta", 1e6))
         return {FULL: _rope_from(full, 1e6, where),
                 SLIDING: _rope_from({"rope_theta": raw.get("rope_local_base_freq", 1e4)}, 1e4, where)}
     if isinstance(params, dict):
         rope = _rope_from(params, 1e4, where)
     else:
-        rope = _rope_from(dict(raw.get("rope_scaling") or {}, rope_theta=raw.get("rope_theta", 1e4)), 1e4, where)
+        rope = _rope_from(dict(_rope_scaling(raw, where), rope_theta=raw.get("rope_theta", 1e4)), 1e4, where)
     return {FULL: rope, SLIDING: rope}
+
+
+def _rope_scaling(raw: dict, where: str) -> dict:
+    """The Hub spelling's `rope_scaling` object ({} when absent)."""
+    return Fields(raw.get("rope_scaling") or {}, f"{where} rope_scaling").raw
 
 
 def _rope_dict(rope: Rope) -> dict:

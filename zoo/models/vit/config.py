@@ -7,6 +7,7 @@ from typing import Any
 
 from zoo.errors import ConfigError
 from zoo.layers import activations
+from zoo.models.fields import Fields
 
 # timm's named sizes: width, depth, heads (mlp_ratio 4).
 TIMM_SIZES = {
@@ -26,25 +27,6 @@ TIMM_UNSUPPORTED = {
 }
 # Fields of a HF ViT config.json that do not change inference maths, written back unchanged.
 HF_PASSTHROUGH = ("initializer_range", "encoder_stride", "pooler_output_size", "pooler_act")
-
-
-def _pair(value, name: str) -> tuple[int, int]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return (value, value)
-    if isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) for v in value):
-        return (int(value[0]), int(value[1]))
-    raise ConfigError(f"{name}: expected an int or a pair of ints, got {value!r}")
-
-
-def _require(raw: dict, key: str, kind, where: str):
-    if key not in raw:
-        raise ConfigError(f"{where}: missing field {key!r}")
-    value = raw[key]
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-        raise ConfigError(f"{where}: field {key!r} should be {kind.__name__}, got {value!r}")
-    return value
 
 
 @dataclass(frozen=True)
@@ -76,6 +58,16 @@ class ViTConfig:
     extras: dict[str, Any] = field(default_factory=dict, compare=False)  # fields written back unchanged
 
     def __post_init__(self):
+        fields = Fields(dataclasses.asdict(self), "ViTConfig")  # as config.json's readers check, for direct use
+        for name in ("hidden_size", "num_heads", "intermediate_size", "num_channels"):
+            fields.integer(name)
+        for name in ("num_layers", "num_labels"):
+            fields.integer(name, minimum=0)
+        for name in ("image_size", "patch_size"):
+            fields.pair(name)
+        fields.number("layer_norm_eps", minimum=0.0)
+        fields.text("hidden_act")
+        fields.flag("qkv_bias")
         if self.hidden_size % self.num_heads:
             raise ConfigError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_heads}")
         if any(i < p for i, p in zip(self.image_size, self.patch_size)):
@@ -122,29 +114,24 @@ class ViTConfig:
         where = "config.json"
         if raw.get("model_type") != "vit":
             raise ConfigError(f"{where}: expected model_type 'vit', got {raw.get('model_type')!r}")
-        id2label = raw.get("id2label") or {}
-        try:
-            labels = tuple(id2label[k] for k in sorted(id2label, key=int))
-        except (ValueError, TypeError):
-            raise ConfigError(f"{where}: id2label keys must be integers, got {sorted(id2label)[:5]}") from None
-        num_labels = raw.get("num_labels", len(labels) or 2)
-        head_dim = raw.get("head_dim")
-        hidden = _require(raw, "hidden_size", int, where)
-        heads = _require(raw, "num_attention_heads", int, where)
+        get = Fields(raw, where)
+        labels = get.labels("id2label")
+        hidden, heads = get.integer("hidden_size"), get.integer("num_attention_heads")
+        head_dim = get.integer("head_dim", None)
         if head_dim is not None and head_dim * heads != hidden:
             raise ConfigError(f"{where}: head_dim {head_dim} x num_attention_heads {heads} must equal hidden_size {hidden}")
         return cls(
             hidden_size=hidden,
-            num_layers=_require(raw, "num_hidden_layers", int, where),
+            num_layers=get.integer("num_hidden_layers", minimum=0),
             num_heads=heads,
-            intermediate_size=_require(raw, "intermediate_size", int, where),
-            hidden_act=raw.get("hidden_act", "gelu"),
-            layer_norm_eps=float(raw.get("layer_norm_eps", 1e-12)),
-            image_size=_pair(raw.get("image_size", 224), "image_size"),
-            patch_size=_pair(raw.get("patch_size", 16), "patch_size"),
-            num_channels=raw.get("num_channels", 3),
-            qkv_bias=bool(raw.get("qkv_bias", True)),
-            num_labels=num_labels,
+            intermediate_size=get.integer("intermediate_size"),
+            hidden_act=get.text("hidden_act", "gelu"),
+            layer_norm_eps=get.number("layer_norm_eps", 1e-12, minimum=0.0),
+            image_size=get.pair("image_size", 224),
+            patch_size=get.pair("patch_size", 16),
+            num_channels=get.integer("num_channels", 3),
+            qkv_bias=get.flag("qkv_bias", True),
+            num_labels=get.integer("num_labels", len(labels) or 2, minimum=0),
             id2label=labels,
             dtype=_checkpoint_dtype(raw),
             source_format="hf",
@@ -189,37 +176,40 @@ class ViTConfig:
                 f"vit_{{{','.join(TIMM_SIZES)}}}_patch<N>_<resolution>"
             )
         width, depth, heads = TIMM_SIZES[m["size"]]
-        args = dict(raw.get("model_args") or {})
+        get = Fields(raw, where)
+        model_args = Fields(raw.get("model_args") or {}, f"{where} model_args")
+        args = dict(model_args.raw)
         for key, default in TIMM_UNSUPPORTED.items():
             if key in args and args[key] != default:
                 raise ConfigError(f"{where}: model_args.{key}={args[key]!r} is not supported (expected {default!r})")
         unknown = set(args) - TIMM_ARGS - set(TIMM_UNSUPPORTED)
         if unknown:
             raise ConfigError(f"{where}: model_args {sorted(unknown)} are not supported by keras-zoo's ViT")
-        pretrained = raw.get("pretrained_cfg") or {}
-        width = args.get("embed_dim", width)
-        input_size = pretrained.get("input_size", [3, int(m["res"]), int(m["res"])])
-        num_classes = raw.get("num_classes", pretrained.get("num_classes", 1000))
-        label_names = raw.get("label_names") or ()
-        if isinstance(label_names, dict):
-            label_names = [label_names[k] for k in sorted(label_names, key=int)]
+        pretrained = Fields(raw.get("pretrained_cfg") or {}, f"{where} pretrained_cfg")
+        res = int(m["res"])
+        input_size = pretrained.raw.get("input_size", [3, res, res])
+        if (not isinstance(input_size, list) or len(input_size) != 3
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in input_size)):
+            raise ConfigError(f"{where} pretrained_cfg: field 'input_size' should be [channels, height, width], "
+                              f"got {input_size!r}")
+        width = model_args.integer("embed_dim", width)
         return cls(
             hidden_size=width,
-            num_layers=args.get("depth", depth),
-            num_heads=args.get("num_heads", heads),
-            intermediate_size=int(width * args.get("mlp_ratio", 4.0)),
+            num_layers=model_args.integer("depth", depth, minimum=0),
+            num_heads=model_args.integer("num_heads", heads),
+            intermediate_size=int(width * model_args.number("mlp_ratio", 4.0, minimum=0.0)),
             hidden_act="gelu",
             layer_norm_eps=1e-6,
-            image_size=_pair(args.get("img_size", tuple(input_size[1:])), "model_args.img_size"),
-            patch_size=_pair(args.get("patch_size", int(m["patch"])), "model_args.patch_size"),
-            num_channels=args.get("in_chans", input_size[0]),
-            qkv_bias=bool(args.get("qkv_bias", True)),
-            num_labels=num_classes,
-            id2label=tuple(label_names),
-            pooling=args.get("global_pool", raw.get("global_pool", "token")) or "token",
+            image_size=model_args.pair("img_size", tuple(input_size[1:])),
+            patch_size=model_args.pair("patch_size", int(m["patch"])),
+            num_channels=model_args.integer("in_chans", input_size[0]),
+            qkv_bias=model_args.flag("qkv_bias", True),
+            num_labels=get.integer("num_classes", pretrained.integer("num_classes", 1000, minimum=0), minimum=0),
+            id2label=_timm_labels(get),
+            pooling=model_args.text("global_pool", None) or get.text("global_pool", None) or "token",
             dtype="float32",
             source_format="timm",
-            extras={"architecture": arch, "pretrained_cfg": pretrained, "model_args": args,
+            extras={"architecture": arch, "pretrained_cfg": pretrained.raw, "model_args": args,
                     **{k: raw[k] for k in ("label_descriptions",) if k in raw}},
         )
 
@@ -249,6 +239,16 @@ class ViTConfig:
     def to_source(self) -> dict:
         """The config.json in the layout this config was read from."""
         return self.to_timm() if self.source_format == "timm" else self.to_hf()
+
+
+def _timm_labels(get: Fields) -> tuple[str, ...]:
+    """timm's `label_names`: a list of names, or an id -> name object as HF's id2label."""
+    names = get.raw.get("label_names")
+    if isinstance(names, list):
+        if not all(isinstance(n, str) for n in names):
+            raise ConfigError(f"{get.where}: field 'label_names' should be a list of strings, got {names[:5]!r}")
+        return tuple(names)
+    return get.labels("label_names")
 
 
 def _checkpoint_dtype(raw: dict) -> str:

@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from zoo.errors import ConfigError, ImageError
+from zoo.models.fields import Fields
 
 PREPROCESSOR_FILE = "preprocessor_config.json"
 # timm's interpolation names -> PIL filters.
@@ -52,22 +53,18 @@ class ImagePreprocessor:
 
     @classmethod
     def from_hf(cls, raw: dict, num_channels: int = 3) -> "ImagePreprocessor":
-        size = raw.get("size", {"height": 224, "width": 224}) if raw.get("do_resize", True) else None
-        if isinstance(size, int):
-            size = {"height": size, "width": size}
-        crop = raw.get("crop_size") if raw.get("do_center_crop", False) else None
-        if isinstance(crop, int):
-            crop = {"height": crop, "width": crop}
-        if size is not None and not ({"height", "width"} <= set(size) or "shortest_edge" in size):
-            raise ConfigError(f"{PREPROCESSOR_FILE}: size must have height and width, or shortest_edge; got {size!r}")
+        get = Fields(raw, PREPROCESSOR_FILE)
+        size = _hf_size(get, "size", {"height": 224, "width": 224}) if get.flag("do_resize", True) else None
+        crop = _hf_size(get, "crop_size", None, shortest=False) if get.flag("do_center_crop", False) else None
+        normalize, channels = get.flag("do_normalize", True), (1, num_channels)
         return cls(
             size=(size["height"], size["width"]) if size and "height" in size else None,
-            shortest_edge=size.get("shortest_edge") if size and "height" not in size else None,
+            shortest_edge=size.get("shortest_edge") if size else None,
             crop_size=(crop["height"], crop["width"]) if crop else None,
-            resample=int(raw.get("resample", 2)),
-            rescale_factor=raw.get("rescale_factor", 1 / 255) if raw.get("do_rescale", True) else None,
-            mean=tuple(raw.get("image_mean", (0.5,) * 3)) if raw.get("do_normalize", True) else None,
-            std=tuple(raw.get("image_std", (0.5,) * 3)) if raw.get("do_normalize", True) else None,
+            resample=_resample(get),
+            rescale_factor=get.number("rescale_factor", 1 / 255, minimum=0.0) if get.flag("do_rescale", True) else None,
+            mean=get.numbers("image_mean", (0.5,) * 3, channels) if normalize else None,
+            std=_std(get, "image_std", (0.5,) * 3, channels) if normalize else None,
             num_channels=num_channels,
         )
 
@@ -94,18 +91,20 @@ class ImagePreprocessor:
     @classmethod
     def from_timm(cls, pretrained_cfg: dict, image_size: tuple[int, int], num_channels: int = 3) -> "ImagePreprocessor":
         """timm's `transforms_imagenet_eval` for crop_mode 'center' (or 'squash')."""
-        crop_pct = pretrained_cfg.get("crop_pct", 0.875)
-        interpolation = pretrained_cfg.get("interpolation", "bicubic")
+        get = Fields(pretrained_cfg, "config.json pretrained_cfg")
+        crop_pct = get.number("crop_pct", 0.875, positive=True)
+        interpolation = get.text("interpolation", "bicubic")
         if interpolation not in PIL_FILTERS:
             raise ConfigError(f"config.json: pretrained_cfg.interpolation {interpolation!r} is not one of {sorted(PIL_FILTERS)}")
-        crop_mode = pretrained_cfg.get("crop_mode", "center")
+        crop_mode = get.text("crop_mode", "center")
         scale = tuple(math.floor(s / crop_pct) for s in image_size)
+        channels = (1, num_channels)
         common = dict(
             crop_size=tuple(image_size),
             resample=PIL_FILTERS[interpolation],
             rescale_factor=1 / 255,
-            mean=tuple(pretrained_cfg.get("mean", (0.485, 0.456, 0.406))),
-            std=tuple(pretrained_cfg.get("std", (0.229, 0.224, 0.225))),
+            mean=get.numbers("mean", (0.485, 0.456, 0.406), channels),
+            std=_std(get, "std", (0.229, 0.224, 0.225), channels),
             num_channels=num_channels,
             source_format="timm",
         )
@@ -139,6 +138,37 @@ class ImagePreprocessor:
         if self.mean is not None:
             pixels = (pixels - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
         return pixels.astype(np.float32)
+
+
+def _hf_size(get: Fields, key: str, default, shortest: bool = True) -> dict | None:
+    """One of HF's size spellings, checked: an int, {"height", "width"}, or {"shortest_edge"} if allowed."""
+    value = get.raw.get(key, default)
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = {"height": value, "width": value}
+    if isinstance(value, dict) and ({"height", "width"} & set(value) or not shortest):
+        sub = Fields(value, f"{get.where} {key}")
+        return {"height": sub.integer("height"), "width": sub.integer("width")}
+    if isinstance(value, dict) and "shortest_edge" in value:
+        return {"shortest_edge": Fields(value, f"{get.where} {key}").integer("shortest_edge")}
+    spellings = "an int, or height and width" + (", or shortest_edge" if shortest else "")
+    raise ConfigError(f"{get.where}: field {key!r} should be {spellings}; got {value!r}")
+
+
+def _resample(get: Fields) -> int:
+    value = get.integer("resample", 2, minimum=0)
+    if value not in PIL_FILTERS.values():
+        raise ConfigError(f"{get.where}: field 'resample' should be a PIL filter number {sorted(PIL_FILTERS.values())}, "
+                          f"got {value!r}")
+    return value
+
+
+def _std(get: Fields, key: str, default, lengths) -> tuple[float, ...]:
+    std = get.numbers(key, default, lengths)
+    if not all(std):
+        raise ConfigError(f"{get.where}: field {key!r} should not hold a zero (it divides), got {list(std)}")
+    return std
 
 
 def _shortest_edge_size(size_wh: tuple[int, int], edge: int) -> tuple[int, int]:

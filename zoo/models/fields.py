@@ -1,0 +1,106 @@
+"""Typed reads of config.json fields: a bad value is a ConfigError naming the field and what was expected.
+
+transformers and timm take a config's fields as they come, so a string where a number belongs
+fails later, deep inside a layer (`float("x")`, `hidden_size % 0`, a shape of strings). Every
+field that shapes a model goes through here instead, before anything is built.
+"""
+
+import math
+
+from zoo.errors import ConfigError
+
+REQUIRED = object()  # the default of a field that must be present
+
+
+class Fields:
+    """One JSON object of a config (the file, or a part such as timm's `model_args`), read field by field.
+
+    A field that is absent or null takes its default; without one it is an error.
+    """
+
+    def __init__(self, raw, where: str):
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{where}: expected a JSON object, got {type(raw).__name__} {raw!r}")
+        self.raw, self.where = raw, where
+
+    def _value(self, key: str, default):
+        value = self.raw.get(key)
+        if value is None and default is REQUIRED:
+            raise ConfigError(f"{self.where}: missing field {key!r}")
+        return value
+
+    def _bad(self, key: str, expected: str, value) -> ConfigError:
+        return ConfigError(f"{self.where}: field {key!r} should be {expected}, got {value!r}")
+
+    def integer(self, key: str, default=REQUIRED, minimum: int = 1):
+        value = self._value(key, default)
+        if value is None:
+            return default
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise self._bad(key, "a positive int" if minimum == 1 else f"an int >= {minimum}", value)
+        return value
+
+    def number(self, key: str, default=REQUIRED, minimum: float | None = None, positive: bool = False):
+        """A finite number, at least `minimum`, above zero if `positive`; an int stays an int (written back as read)."""
+        value = self._value(key, default)
+        if value is None:
+            return default
+        if (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)
+                or (minimum is not None and value < minimum) or (positive and value <= 0)):
+            bound = " above 0" if positive else f" >= {minimum}" if minimum is not None else ""
+            raise self._bad(key, "a finite number" + bound, value)
+        return value
+
+    def flag(self, key: str, default=REQUIRED):
+        value = self._value(key, default)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise self._bad(key, "true or false", value)
+        return value
+
+    def text(self, key: str, default=REQUIRED):
+        value = self._value(key, default)
+        if value is None:
+            return default
+        if not isinstance(value, str):
+            raise self._bad(key, "a string", value)
+        return value
+
+    def numbers(self, key: str, default=REQUIRED, lengths: tuple[int, ...] | None = None) -> tuple[float, ...]:
+        """A list of finite numbers (one number: a list of one) whose length is one of `lengths`."""
+        value = self._value(key, default)
+        if value is None:
+            return default
+        items = [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+        if (not isinstance(items, (list, tuple)) or (lengths is not None and len(items) not in lengths)
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in items)):
+            count = f" ({' or '.join(map(str, lengths))} of them)" if lengths else ""
+            raise self._bad(key, f"a list of numbers{count}", value)
+        return tuple(float(v) for v in items)
+
+    def pair(self, key: str, default=REQUIRED) -> tuple[int, int]:
+        """An int n (meaning (n, n)) or a list of two ints, each positive."""
+        value = self._value(key, default)
+        if value is None:
+            value = default
+        pair = (value, value) if isinstance(value, int) and not isinstance(value, bool) else value
+        if (not isinstance(pair, (list, tuple)) or len(pair) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in pair)):
+            raise self._bad(key, "a positive int or a pair of positive ints", value)
+        return (pair[0], pair[1])
+
+    def labels(self, key: str) -> tuple[str, ...]:
+        """An id -> name object (`id2label`) as names in id order; its ids must be 0..n-1."""
+        value = self._value(key, default=None)
+        if not value:
+            return ()
+        if not isinstance(value, dict):
+            raise self._bad(key, 'an object mapping ids to names ({"0": "cat", ...})', value)
+        try:
+            ids = {int(k): k for k in value}
+        except (TypeError, ValueError):
+            raise self._bad(key, "an object whose keys are integer ids", sorted(value)[:5]) from None
+        if sorted(ids) != list(range(len(ids))):
+            raise self._bad(key, f"ids 0..{len(ids) - 1}, one per output", sorted(ids)[:10])
+        return tuple(str(value[ids[i]]) for i in range(len(ids)))
