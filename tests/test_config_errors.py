@@ -3,10 +3,11 @@
 import json
 import shutil
 
+import numpy as np
 import pytest
 
 import zoo
-from zoo.errors import ConfigError
+from zoo.errors import ConfigError, ImageError
 from zoo.models.fields import Fields
 from gemma_reference import save_hf_gemma
 from vit_reference import hf_to_timm, save_hf_vit
@@ -145,3 +146,36 @@ def test_fields_reader():
         get.number("f", minimum=5)
     with pytest.raises(ConfigError, match="demo.json: expected a JSON object, got list"):
         Fields([1], "demo.json")
+
+
+# ----------------------------------------------------------------------------- arguments
+
+
+@pytest.mark.parametrize("kwargs,error,message", [
+    (dict(image_size="abc"), ConfigError, "'image_size' should be a positive int or a pair of positive ints, got 'abc'"),
+    (dict(dtype="int8"), ConfigError, "dtype 'int8': expected one of float32, bfloat16, float16"),
+    (dict(dtype="float99"), ConfigError, "dtype 'float99'"),
+    (dict(labels="abc"), ConfigError, "labels: expected a list of label names, got the string 'abc'"),
+    (dict(labels=[1, 2]), ConfigError, r"labels: expected label names \(strings\), got \[1, 2\]"),
+])
+def test_bad_from_preset_arguments(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        zoo.ViTImageClassifier.from_preset("vit_tiny_digits", **kwargs)
+
+
+def test_an_int_image_size_means_square():
+    assert zoo.ViTImageClassifier.from_preset("vit_tiny_digits", image_size=48).backbone.image_size == (48, 48)
+
+
+def test_images_of_another_size_and_bad_prediction_arguments():
+    clf = zoo.ViTImageClassifier.from_preset("vit_tiny_digits")
+    h, w = clf.backbone.image_size
+    wrong = np.zeros((2, h + 8, w, clf.config.num_channels), "float32")
+    for run in (lambda: clf(wrong), lambda: clf.predict(wrong, verbose=0)):  # the same error on every backend
+        with pytest.raises(ImageError, match=rf"expected images of {h}x{w} \(this model's image_size\), got {h + 8}x{w}"):
+            run()
+    image = np.zeros((20, 20), np.uint8)
+    with pytest.raises(ValueError, match="top_k must be a positive int, got '3'"):
+        clf.predict_labels(image, top_k="3")
+    with pytest.raises(ValueError, match="batch_size must be a positive int, got 0"):
+        clf.predict_labels(image, batch_size=0)

@@ -49,6 +49,20 @@ def _weight_dtype(dtype: str) -> np.dtype:
     return host_dtype(keras.DTypePolicy(dtype).variable_dtype)
 
 
+WEIGHT_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _check_dtype(dtype) -> None:
+    """A dtype to build weights in: a float dtype, or a Keras mixed policy (float32 weights)."""
+    try:
+        variable_dtype = keras.DTypePolicy(dtype).variable_dtype
+    except (ValueError, TypeError):
+        variable_dtype = None
+    if variable_dtype not in WEIGHT_DTYPES:
+        raise ConfigError(f"dtype {dtype!r}: expected one of {', '.join(WEIGHT_DTYPES)} or a Keras mixed policy "
+                          "such as 'mixed_bfloat16'")
+
+
 def _read_ahead_limit(checkpoint: Checkpoint, dtype: str) -> int | None:
     """How far the checkpoint may be read ahead of the assignments (None: no bound).
 
@@ -131,6 +145,8 @@ class PresetModel(keras.Model):
                 `torch_dtype` in config.json), else float32.
             **kwargs: model-specific options (e.g. `image_size` for ViT).
         """
+        if dtype is not None:
+            _check_dtype(dtype)
         folder = hub.resolve(preset)
         raw = read_config(folder)
         fmt = registry.detect(raw, folder / CONFIG_FILE)

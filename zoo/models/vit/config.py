@@ -241,6 +241,13 @@ class ViTConfig:
         return self.to_timm() if self.source_format == "timm" else self.to_hf()
 
 
+def resolution(value, default: tuple[int, int]) -> tuple[int, int]:
+    """An input resolution as a caller gives it (`image_size=`): None (the default), n (n x n) or (height, width)."""
+    if value is None:
+        return tuple(default)
+    return Fields({"image_size": value}, "argument").pair("image_size")
+
+
 def _timm_labels(get: Fields) -> tuple[str, ...]:
     """timm's `label_names`: a list of names, or an id -> name object as HF's id2label."""
     names = get.raw.get("label_names")

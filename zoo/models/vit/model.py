@@ -9,14 +9,14 @@ import numpy as np
 from keras import ops
 
 from zoo import backend
-from zoo.errors import ConfigError
+from zoo.errors import ConfigError, ImageError
 from zoo.layers import activations, init
 from zoo.layers.attention import SelfAttention
 from zoo.layers.dense import linear
 from zoo.layers.interpolate import bicubic_grid_matrix
 from zoo.models.base import PresetModel
 from zoo.models.vit import checkpoint_map
-from zoo.models.vit.config import ViTConfig
+from zoo.models.vit.config import ViTConfig, resolution
 from zoo.models.vit.preprocess import PREPROCESSOR_FILE, ImagePreprocessor
 
 
@@ -49,6 +49,13 @@ class ViTEmbeddings(keras.layers.Layer):
         self.patch_embeddings.build(input_shape)
 
     def call(self, images, training=False):
+        got = tuple(images.shape[1:3])
+        if None not in got and got != self.image_size:  # else the position embeddings fail to broadcast, per backend
+            raise ImageError(
+                f"expected images of {self.image_size[0]}x{self.image_size[1]} (this model's image_size), got "
+                f"{got[0]}x{got[1]}; `preprocess` resizes images, and `from_preset(..., image_size=(h, w))` builds "
+                "the model for another resolution"
+            )
         x = self.patch_embeddings(images)  # (b, gh, gw, d)
         b = ops.shape(x)[0]
         x = ops.reshape(x, (b, -1, self.config.hidden_size))  # (b, p, d)
@@ -117,7 +124,7 @@ class ViTBackbone(PresetModel):
         kwargs.setdefault("name", "vit_backbone")
         super().__init__(**kwargs)
         self.config = config
-        self.image_size = tuple(image_size or config.image_size)
+        self.image_size = resolution(image_size, config.image_size)
         self.hidden_dropout, self.attention_dropout = hidden_dropout, attention_dropout
         if any(s < p for s, p in zip(self.image_size, config.patch_size)):
             raise ConfigError(f"image_size {self.image_size} is smaller than patch_size {config.patch_size}")
@@ -208,8 +215,9 @@ class ViTImageClassifier(PresetModel):
 
     def predict_labels(self, images, top_k: int = 5, batch_size: int = 32) -> list[list[dict]]:
         """Top-k labels per image: `[[{"label": name, "score": probability}, ...], ...]`."""
-        if top_k < 1:
-            raise ValueError(f"top_k must be at least 1, got {top_k}")
+        for name, value in (("top_k", top_k), ("batch_size", batch_size)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
         pixels = self.preprocess(images)
         logits = np.concatenate([
             backend.to_numpy(self.predict_on_batch(pixels[i:i + batch_size])) for i in range(0, len(pixels), batch_size)
@@ -231,7 +239,11 @@ class ViTImageClassifier(PresetModel):
                 "pass num_labels= or labels= to ViTImageClassifier.from_preset to start a new head"
             )
         if fresh:
+            if isinstance(labels, str):
+                raise ConfigError(f"labels: expected a list of label names, got the string {labels!r}")
             labels = tuple(labels) if labels is not None else ()
+            if not all(isinstance(name, str) for name in labels):
+                raise ConfigError(f"labels: expected label names (strings), got {list(labels)[:5]!r}")
             config = config.replace(num_labels=len(labels) if labels else num_labels, id2label=labels)
         preprocessor = _read_preprocessor(config, folder, kwargs.get("image_size"))
         model = cls(config, preprocessor, dtype=dtype, **kwargs)
@@ -280,7 +292,7 @@ def _default_preprocessor(config: ViTConfig, image_size) -> ImagePreprocessor:
 def _read_preprocessor(config: ViTConfig, folder: Path, image_size) -> ImagePreprocessor:
     """preprocessor_config.json for HF layouts (resized to `image_size` if the user asked for another)."""
     path = folder / PREPROCESSOR_FILE
-    size = tuple(image_size or config.image_size)
+    size = resolution(image_size, config.image_size)
     if config.source_format == "hf" and path.is_file():
         try:
             raw = json.loads(path.read_text())
