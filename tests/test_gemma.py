@@ -268,6 +268,8 @@ def test_sampler_distribution():
     top_p = {Sampler(temperature=1.0, top_p=0.7).choose(logits, rng) for _ in range(300)}
     assert top_p == {0, 1}  # 0.5 + 0.3 reaches 0.7
     assert {Sampler(temperature=1.0, top_k=1).choose(logits, rng) for _ in range(50)} == {0}
+    # OpenAI's API allows negative seeds: they seed too, reproducibly.
+    assert Sampler(seed=-3).rng().random() == Sampler(seed=-3).rng().random() != Sampler(seed=3).rng().random()
 
 
 @pytest.mark.parametrize("call,message", [
@@ -278,6 +280,11 @@ def test_sampler_distribution():
     (lambda lm: lm.generate("def", max_new_tokens=4, temperature=-1.0), "temperature must be >= 0"),
     (lambda lm: lm.generate("def", max_new_tokens=4, top_p=0.0), r"top_p must be in \(0, 1\]"),
     (lambda lm: lm.generate([], max_new_tokens=4), "no prompts given"),
+    (lambda lm: lm.generate(5, max_new_tokens=4), "prompt must be a string or a list of strings, got int"),
+    (lambda lm: lm.generate("def", max_new_tokens=4, seed="x"), "seed must be an int or None, got 'x'"),
+    (lambda lm: lm.generate("def", max_new_tokens=4, stop=[""]), r"stop must hold stop strings \(non-empty\)"),
+    (lambda lm: lm.generate("def", max_new_tokens=4, stop=[1.5]), "and/or token ids"),
+    (lambda lm: lm.generate("def", max_new_tokens=4, max_batch=0), "max_batch must be a positive int, got 0"),
 ])
 def test_generation_errors(models, call, message):
     with pytest.raises(GenerationError, match=message):

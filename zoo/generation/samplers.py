@@ -35,13 +35,16 @@ class Sampler:
             raise GenerationError(f"top_k must be an int >= 0, got {self.top_k!r}")
         if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
             raise GenerationError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and not (isinstance(self.seed, int) and not isinstance(self.seed, bool)):
+            raise GenerationError(f"seed must be an int or None, got {self.seed!r}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
 
     def rng(self) -> np.random.Generator:
-        return np.random.default_rng(self.seed)
+        # NumPy seeds with non-negative ints; a negative seed (OpenAI's API allows them) is taken modulo 2**64.
+        return np.random.default_rng(self.seed if self.seed is None or self.seed >= 0 else self.seed % 2**64)
 
     def choose(self, logits: np.ndarray, rng: np.random.Generator) -> int:
         """One token id from logits (vocab,)."""

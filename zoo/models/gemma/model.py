@@ -264,9 +264,14 @@ class GemmaCausalLM(PresetModel):
             raise ConfigError("this model has no tokenizer; load a preset with tokenizer.json or tokenizer.model")
         if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
             raise GenerationError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        if not isinstance(max_batch, int) or max_batch <= 0:
+            raise GenerationError(f"max_batch must be a positive int, got {max_batch!r}")
         chosen = samplers.get(sampler, **sampler_overrides)
-        stop_strings = [s for s in (stop or ()) if isinstance(s, str)]
-        stop_ids = self.stop_token_ids | {s for s in (stop or ()) if isinstance(s, int)}
+        stops = [stop] if isinstance(stop, (str, int)) else list(stop or ())
+        if not all(isinstance(s, str) and s or isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in stops):
+            raise GenerationError(f"stop must hold stop strings (non-empty) and/or token ids (ints >= 0), got {stop!r}")
+        stop_strings = [s for s in stops if isinstance(s, str)]
+        stop_ids = self.stop_token_ids | {s for s in stops if isinstance(s, int)}
         prompt_ids = [self._encode(p, chat) for p in prompts]
         longest = max(len(ids) for ids in prompt_ids)
         limit = self.config.max_position_embeddings
@@ -298,9 +303,11 @@ class GemmaCausalLM(PresetModel):
             max_batch: the most prompts decoded together.
             chat: wrap each prompt as a user turn with the tokenizer's chat template.
         """
+        if not isinstance(prompt, (str, list, tuple)):
+            raise GenerationError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
-                raise GenerationError("no prompts given")
+            raise GenerationError("no prompts given")
         engine, requests = self._requests(prompts, max_new_tokens, sampler, stop, max_batch, chat,
                                           dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed))
         for _ in engine.run(requests):
