@@ -14,6 +14,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import dataclasses
 import hmac
 import io
 import json
@@ -28,8 +29,9 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from zoo.errors import GenerationError, ImageError, ZooError
+from zoo.errors import ConfigError, GenerationError, ImageError, ZooError
 from zoo.generation import Sampler
+from zoo.models.fields import Fields
 from zoo.serving.metrics import CONTENT_TYPE_LATEST, Metrics
 from zoo.serving.scheduler import ClassificationScheduler, GenerationScheduler, QueueFull
 
@@ -48,6 +50,17 @@ class ServerConfig:
     max_tokens: int | None = None  # the most `max_tokens` a request may ask for (default: max_model_len)
     request_timeout_s: float = 600.0
     max_images: int = 64
+
+    def __post_init__(self):
+        fields = Fields(dataclasses.asdict(self), "server settings")
+        fields.integer("port", minimum=0)
+        if self.port > 65535:
+            raise ConfigError(f"server settings: field 'port' should be at most 65535, got {self.port}")
+        for name in ("max_batch", "max_body_bytes", "max_model_len", "max_images"):
+            fields.integer(name)
+        fields.integer("max_queue", minimum=0)
+        fields.integer("max_tokens", None)
+        fields.number("request_timeout_s", minimum=0.0)
 
 
 class APIError(Exception):

@@ -73,6 +73,16 @@ def test_classify_errors_are_reported(capsys, tmp_path):
     assert "cannot decode the image" in capsys.readouterr().err
     assert cli.main(["classify", "x.png", "--preset", "no_such_preset"]) == 1
     assert "unknown preset 'no_such_preset'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:  # argparse's usage error, before any model loads
+        cli.main(["classify", "x.png", "--top-k", "0"])
+    assert exit_.value.code == 2 and "argument --top-k: expected a positive integer, got '0'" in capsys.readouterr().err
+
+
+def test_serve_settings_are_checked_before_loading(capsys):
+    assert cli.main(["serve", "--max-batch", "0", "no_such_preset"]) == 1
+    assert "server settings: field 'max_batch' should be a positive int, got 0" in capsys.readouterr().err
+    assert cli.main(["serve", "--port", "70000"]) == 1
+    assert "field 'port' should be at most 65535" in capsys.readouterr().err
 
 
 def test_console_script_runs():

@@ -9,6 +9,17 @@ DEFAULT_CLASSIFIER = "vit_tiny_digits"
 DEFAULT_LM = "gemma_tiny_pycode"
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: a positive int, else argparse's own usage error."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def _classify(args) -> int:
     import zoo
 
@@ -36,7 +47,7 @@ def _add_classify(sub) -> None:
     p = sub.add_parser("classify", help="print the top labels of images")
     p.add_argument("images", nargs="*", help="image files (PNG, JPEG, ...)")
     p.add_argument("--preset", default=DEFAULT_CLASSIFIER, help=f"preset name, handle or folder (default {DEFAULT_CLASSIFIER})")
-    p.add_argument("--top-k", type=int, default=5, help="labels per image (default 5)")
+    p.add_argument("--top-k", type=_positive_int, default=5, help="labels per image (default 5)")
     p.add_argument("--samples", action="store_true", help="also classify the preset's bundled sample images")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(run=_classify)
@@ -68,7 +79,8 @@ def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="stream a text completion to the terminal")
     p.add_argument("prompt", help="the prompt (with --chat: the user's message)")
     p.add_argument("--preset", default=DEFAULT_LM, help=f"preset name, handle or folder (default {DEFAULT_LM})")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="the most tokens to generate (default 64)")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=64,
+                   help="the most tokens to generate (default 64)")
     p.add_argument("--temperature", type=float, default=None, help="sampling temperature; 0 (the default) is greedy")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: keep the smallest set reaching P")
     p.add_argument("--top-k", type=int, default=None, help="sample among the K most likely tokens")
