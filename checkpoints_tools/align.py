@@ -22,6 +22,7 @@ import numpy as np
 from safetensors import safe_open
 
 from zoo.checkpoint import Checkpoint
+from zoo.errors import CheckpointError
 from zoo.safetensors_file import ALIGNMENT, TensorInfo, numpy_dtype, write_safetensors
 
 
@@ -48,6 +49,8 @@ def align_checkpoint(source: str | os.PathLike, output: str | os.PathLike | None
     source = Path(source)
     checkpoint = Checkpoint.open(source)  # every header checked before anything is written
     output = source if output is None else Path(output)
+    if output.exists() and not output.is_dir():
+        raise CheckpointError(f"{output}: exists and is not a folder; --output names the folder to write the checkpoint to")
     output.mkdir(parents=True, exist_ok=True)
     if output.resolve() != source.resolve():
         for item in source.iterdir():

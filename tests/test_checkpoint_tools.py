@@ -81,3 +81,9 @@ def test_align_names_what_it_cannot_read(tmp_path, capsys):
     assert "model.safetensors" in capsys.readouterr().err
     assert (folder / "model.safetensors").read_bytes() == original[: len(original) // 2]  # left as it was
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_align_output_must_be_a_folder(tmp_path, capsys):
+    folder = save_hf_vit(tmp_path / "vit", seed=3, **CONFIG)
+    assert cli.main(["checkpoint", "align", str(folder), "--output", str(folder / "config.json")]) == 1
+    assert "config.json: exists and is not a folder" in capsys.readouterr().err
