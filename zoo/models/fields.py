@@ -52,19 +52,17 @@ class Fields:
         return value
 
     def flag(self, key: str, default=REQUIRED):
-        value = self._value(key, default)
-        if value is None:
-            return default
-        if not isinstance(value, bool):
-            raise self._bad(key, "true or false", value)
-        return value
+        return self._of_type(key, default, bool, "true or false")
 
     def text(self, key: str, default=REQUIRED):
+        return self._of_type(key, default, str, "a string")
+
+    def _of_type(self, key: str, default, kind: type, expected: str):
         value = self._value(key, default)
         if value is None:
             return default
-        if not isinstance(value, str):
-            raise self._bad(key, "a string", value)
+        if not isinstance(value, kind):
+            raise self._bad(key, expected, value)
         return value
 
     def numbers(self, key: str, default=REQUIRED, lengths: tuple[int, ...] | None = None) -> tuple[float, ...]:
