@@ -1,8 +1,8 @@
 """Typed reads of config.json fields: a bad value is a ConfigError naming the field and what was expected.
 
-transformers and timm take a config's fields as they come, so a string where a number belongs
-fails later, deep inside a layer (`float("x")`, `hidden_size % 0`, a shape of strings). Every
-field that shapes a model goes through here instead, before anything is built.
+Read unchecked, a string where a number belongs fails later, deep inside a layer or a backend
+(`float("x")`, `hidden_size % 0`, a shape of strings), with a message that names neither the
+file nor the field. Every field that shapes a model goes through here, before anything is built.
 """
 
 import math
