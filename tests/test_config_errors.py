@@ -129,6 +129,17 @@ def test_null_token_ids_mean_none_and_ints_stay_ints(sources, tmp_path):
     assert isinstance(lm.config.query_pre_attn_scalar, int)  # transformers 5 reads it back only as an int
 
 
+def test_float_fields_are_written_back_as_floats(sources, tmp_path):
+    """transformers 5 rejects an int in a float field: a config that wrote `"layer_norm_eps": 1` saves as 1.0."""
+    from transformers import ViTForImageClassification
+
+    clf = zoo.ViTImageClassifier.from_preset(_edited(sources, tmp_path, "vit", _set(layer_norm_eps=1)))
+    saved = clf.save_preset(tmp_path / "saved")
+    written = json.loads((saved / "config.json").read_text())["layer_norm_eps"]
+    assert isinstance(written, float) and written == 1.0
+    assert ViTForImageClassification.from_pretrained(saved).config.layer_norm_eps == 1.0
+
+
 def test_direct_construction_is_checked_too():
     with pytest.raises(ConfigError, match="ViTConfig: field 'num_heads' should be a positive int, got 0"):
         zoo.ViTConfig(num_heads=0)

@@ -41,7 +41,11 @@ class Fields:
         return value
 
     def number(self, key: str, default=REQUIRED, minimum: float | None = None, positive: bool = False):
-        """A finite number, at least `minimum`, above zero if `positive`; an int stays an int (written back as read)."""
+        """A finite number, at least `minimum`, above zero if `positive`, as written (an int stays an int).
+
+        transformers 5 checks a field's JSON type on reading (an int field rejects 16.0, a float
+        field rejects 0), so a caller converts where the field is a float there.
+        """
         value = self._value(key, default)
         if value is None:
             return default

@@ -159,7 +159,7 @@ class GemmaConfig:
             head_dim=get.integer("head_dim", hidden // heads),
             hidden_act=act,
             max_position_embeddings=get.integer("max_position_embeddings", 8192),
-            rms_norm_eps=get.number("rms_norm_eps", 1e-6, minimum=0.0),
+            rms_norm_eps=float(get.number("rms_norm_eps", 1e-6, minimum=0.0)),  # a float: transformers 5 reads no int here
             rope=_read_rope(raw, model_type, where),
             attention_bias=get.flag("attention_bias", False),
             query_pre_attn_scalar=get.number("query_pre_attn_scalar", None, positive=True) if gemma2_on else None,
@@ -243,8 +243,8 @@ def _rope_from(params: dict, default_theta: float, where: str) -> Rope:
     kind = params.get("rope_type", params.get("type", "default"))
     if kind not in ROPE_TYPES:
         raise ConfigError(f"{where}: rope_type {kind!r} is not supported; keras-zoo implements {ROPE_TYPES}")
-    factor = get.number("factor", 1.0, positive=True) if kind == "linear" else 1.0
-    return Rope(get.number("rope_theta", default_theta, positive=True), factor)
+    factor = float(get.number("factor", 1.0, positive=True)) if kind == "linear" else 1.0
+    return Rope(float(get.number("rope_theta", default_theta, positive=True)), factor)
 
 
 def _read_rope(raw: dict, model_type: str, where: str) -> dict[str, Rope]:

@@ -126,7 +126,7 @@ class ViTConfig:
             num_heads=heads,
             intermediate_size=get.integer("intermediate_size"),
             hidden_act=get.text("hidden_act", "gelu"),
-            layer_norm_eps=get.number("layer_norm_eps", 1e-12, minimum=0.0),
+            layer_norm_eps=float(get.number("layer_norm_eps", 1e-12, minimum=0.0)),  # a float: transformers 5 reads no int here
             image_size=get.pair("image_size", 224),
             patch_size=get.pair("patch_size", 16),
             num_channels=get.integer("num_channels", 3),
