@@ -79,8 +79,7 @@ def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="stream a text completion to the terminal")
     p.add_argument("prompt", help="the prompt (with --chat: the user's message)")
     p.add_argument("--preset", default=DEFAULT_LM, help=f"preset name, handle or folder (default {DEFAULT_LM})")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=64,
-                   help="the most tokens to generate (default 64)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="the most tokens to generate (default 64)")
     p.add_argument("--temperature", type=float, default=None, help="sampling temperature; 0 (the default) is greedy")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: keep the smallest set reaching P")
     p.add_argument("--top-k", type=int, default=None, help="sample among the K most likely tokens")
