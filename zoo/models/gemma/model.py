@@ -268,7 +268,8 @@ class GemmaCausalLM(PresetModel):
             raise GenerationError(f"max_batch must be a positive int, got {max_batch!r}")
         chosen = samplers.get(sampler, **sampler_overrides)
         stops = [stop] if isinstance(stop, (str, int)) else list(stop or ())
-        if not all(isinstance(s, str) and s or isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in stops):
+        if not all((isinstance(s, str) and s) or (isinstance(s, int) and not isinstance(s, bool) and s >= 0)
+                   for s in stops):
             raise GenerationError(f"stop must hold stop strings (non-empty) and/or token ids (ints >= 0), got {stop!r}")
         stop_strings = [s for s in stops if isinstance(s, str)]
         stop_ids = self.stop_token_ids | {s for s in stops if isinstance(s, int)}
