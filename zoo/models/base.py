@@ -23,6 +23,7 @@ from zoo.key_map import export, load, plan, weights_by_path
 from zoo.layers.dtypes import host_dtype
 from zoo.layers.init import skip_init
 from zoo.models import registry
+from zoo.models.fields import WEIGHT_DTYPES
 from zoo.safetensors_file import DTYPE_SIZES
 
 SOURCE_FILE = "zoo_source.json"  # where save_preset records the hub revision a model came from
@@ -47,9 +48,6 @@ READ_AHEAD_BYTES = 64 * 1024**2
 
 def _weight_dtype(dtype: str) -> np.dtype:
     return host_dtype(keras.DTypePolicy(dtype).variable_dtype)
-
-
-WEIGHT_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _check_dtype(dtype) -> None:

@@ -10,6 +10,7 @@ import math
 from zoo.errors import ConfigError
 
 REQUIRED = object()  # the default of a field that must be present
+WEIGHT_DTYPES = ("float32", "bfloat16", "float16")  # what keras-zoo builds weights in
 
 
 class Fields:
@@ -83,14 +84,24 @@ class Fields:
 
     def pair(self, key: str, default=REQUIRED) -> tuple[int, int]:
         """An int n (meaning (n, n)) or a list of two ints, each positive."""
+        value = self._given(key, default)
+        both = [value, value] if isinstance(value, int) and not isinstance(value, bool) else value
+        return self._sizes(key, both, 2, "a positive int or a pair of positive ints", value)
+
+    def sizes(self, key: str, default, length: int, expected: str) -> tuple[int, ...]:
+        """A list of `length` positive ints; `expected` describes it in the error."""
+        value = self._given(key, default)
+        return self._sizes(key, value, length, expected, value)
+
+    def _given(self, key: str, default):
         value = self._value(key, default)
-        if value is None:
-            value = default
-        pair = (value, value) if isinstance(value, int) and not isinstance(value, bool) else value
-        if (not isinstance(pair, (list, tuple)) or len(pair) != 2
-                or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in pair)):
-            raise self._bad(key, "a positive int or a pair of positive ints", value)
-        return (pair[0], pair[1])
+        return default if value is None else value
+
+    def _sizes(self, key: str, value, length: int, expected: str, shown) -> tuple[int, ...]:
+        if (not isinstance(value, (list, tuple)) or len(value) != length
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
+            raise self._bad(key, expected, shown)
+        return tuple(value)
 
     def labels(self, key: str) -> tuple[str, ...]:
         """An id -> name object (`id2label`) as names in id order; its ids must be 0..n-1."""
@@ -106,3 +117,11 @@ class Fields:
         if sorted(ids) != list(range(len(ids))):
             raise self._bad(key, f"ids 0..{len(ids) - 1}, one per output", sorted(ids)[:10])
         return tuple(str(value[ids[i]]) for i in range(len(ids)))
+
+
+def checkpoint_dtype(raw: dict, where: str) -> str:
+    """The dtype config.json gives its weights: transformers 5 writes `dtype`, older Hub configs `torch_dtype`."""
+    value = raw.get("dtype", raw.get("torch_dtype")) or "float32"
+    if value not in WEIGHT_DTYPES:
+        raise ConfigError(f"{where}: dtype {value!r} is not one of {', '.join(WEIGHT_DTYPES)}")
+    return value

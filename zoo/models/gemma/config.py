@@ -12,7 +12,7 @@ from typing import Any
 
 from zoo.errors import ConfigError
 from zoo.layers import activations
-from zoo.models.fields import Fields
+from zoo.models.fields import Fields, checkpoint_dtype
 
 FULL, SLIDING = "full_attention", "sliding_attention"
 MODEL_TYPES = ("gemma", "gemma2", "gemma3_text")
@@ -144,9 +144,6 @@ class GemmaConfig:
         if layer_types is None and model_type == "gemma3_text" and sliding:
             every = get.integer("sliding_window_pattern", 6)
             layer_types = [SLIDING if (i + 1) % every else FULL for i in range(layers)]
-        dtype = raw.get("dtype", raw.get("torch_dtype")) or "float32"
-        if dtype not in ("float32", "bfloat16", "float16"):
-            raise ConfigError(f"{where}: dtype {dtype!r} is not one of float32, bfloat16, float16")
         eos = _token_ids(raw, "eos_token_id", 1, where)
         return cls(
             model_type=model_type,
@@ -171,7 +168,7 @@ class GemmaConfig:
             bos_token_id=_token_id(raw, "bos_token_id", 2, where),
             eos_token_id=eos,
             pad_token_id=_token_id(raw, "pad_token_id", 0, where),
-            dtype=dtype,
+            dtype=checkpoint_dtype(raw, where),
             extras={
                 **{k: raw[k] for k in PASSTHROUGH if k in raw},
                 "spelling": "v5" if "rope_parameters" in raw or "dtype" in raw else "hub",

@@ -7,7 +7,7 @@ from typing import Any
 
 from zoo.errors import ConfigError
 from zoo.layers import activations
-from zoo.models.fields import Fields
+from zoo.models.fields import Fields, checkpoint_dtype
 
 # timm's named sizes: width, depth, heads (mlp_ratio 4).
 TIMM_SIZES = {
@@ -133,7 +133,7 @@ class ViTConfig:
             qkv_bias=get.flag("qkv_bias", True),
             num_labels=get.integer("num_labels", len(labels) or 2, minimum=0),
             id2label=labels,
-            dtype=_checkpoint_dtype(raw),
+            dtype=checkpoint_dtype(raw, where),
             source_format="hf",
             extras={k: raw[k] for k in (*HF_PASSTHROUGH, "architectures", "torch_dtype") if k in raw},
         )
@@ -187,11 +187,7 @@ class ViTConfig:
             raise ConfigError(f"{where}: model_args {sorted(unknown)} are not supported by keras-zoo's ViT")
         pretrained = Fields(raw.get("pretrained_cfg") or {}, f"{where} pretrained_cfg")
         res = int(m["res"])
-        input_size = pretrained.raw.get("input_size", [3, res, res])
-        if (not isinstance(input_size, list) or len(input_size) != 3
-                or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in input_size)):
-            raise ConfigError(f"{where} pretrained_cfg: field 'input_size' should be [channels, height, width], "
-                              f"got {input_size!r}")
+        input_size = pretrained.sizes("input_size", [3, res, res], 3, "[channels, height, width]")
         width = model_args.integer("embed_dim", width)
         return cls(
             hidden_size=width,
@@ -256,11 +252,3 @@ def _timm_labels(get: Fields) -> tuple[str, ...]:
             raise ConfigError(f"{get.where}: field 'label_names' should be a list of strings, got {names[:5]!r}")
         return tuple(names)
     return get.labels("label_names")
-
-
-def _checkpoint_dtype(raw: dict) -> str:
-    """transformers 5 writes `dtype`; older configs on the Hub write `torch_dtype`."""
-    value = raw.get("dtype", raw.get("torch_dtype")) or "float32"
-    if value not in ("float32", "bfloat16", "float16"):
-        raise ConfigError(f"config.json: dtype {value!r} is not one of float32, bfloat16, float16")
-    return value
