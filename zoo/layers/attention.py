@@ -5,9 +5,10 @@ from keras import ops
 
 from zoo import backend
 from zoo.layers.dense import einsum_dense as projection
+from zoo.layers.tracking import LeanAttributes
 
 
-class SelfAttention(keras.layers.Layer):
+class SelfAttention(LeanAttributes, keras.layers.Layer):
     """Multi-head self-attention without masking or positions (ViT-style).
 
     Weights: `q_proj`, `k_proj`, `v_proj` with kernels (n, h, d) and `o_proj` with kernel (d, n, h),

@@ -22,6 +22,7 @@ from keras import ops
 
 from zoo import backend
 from zoo.layers import init
+from zoo.layers.tracking import LeanAttributes
 
 
 def _parse(equation: str) -> tuple[str, str, str, bool]:
@@ -38,7 +39,7 @@ def _parse(equation: str) -> tuple[str, str, str, bool]:
 
 
 @keras.saving.register_keras_serializable(package="zoo")
-class EinsumDense(keras.layers.EinsumDense):
+class EinsumDense(LeanAttributes, keras.layers.EinsumDense):
     """`keras.layers.EinsumDense` that contracts the input's trailing axes with one end of the kernel."""
 
     def __init__(self, equation: str, output_shape, **kwargs):

@@ -22,6 +22,7 @@ from zoo.errors import ConfigError, PresetNotFoundError
 from zoo.key_map import export, load, plan, weights_by_path
 from zoo.layers.dtypes import host_dtype
 from zoo.layers.init import skip_init
+from zoo.layers.tracking import LeanAttributes
 from zoo.models import registry
 from zoo.models.fields import WEIGHT_DTYPES
 from zoo.safetensors_file import DTYPE_SIZES
@@ -77,12 +78,13 @@ def _read_ahead_limit(checkpoint: Checkpoint, dtype: str) -> int | None:
 
 @contextlib.contextmanager
 def _collector_paused():
-    """Python's cyclic garbage collector off while a model is built.
+    """Python's cyclic garbage collector off while a model is built and its weights assigned.
 
     Building Keras layers allocates enough objects to set off full collections, each a walk over
     every object the imports left (~200k with JAX): building the 1 GB ViT of benchmarks/RESULTS.md
-    on JAX took 0.36-1.40 s with the collector on and 0.29-0.39 s with it off. Nothing is lost:
-    the collector runs again afterwards as before.
+    on JAX took 0.36-1.40 s with the collector on and 0.29-0.39 s with it off. Assigning its 328
+    weights on TensorFlow allocates enough more to set one off too (0.14 s, when profiled). Nothing
+    is lost: the collector runs again afterwards as before.
     """
     was_enabled = gc.isenabled()
     gc.disable()
@@ -93,7 +95,7 @@ def _collector_paused():
             gc.enable()
 
 
-class PresetModel(keras.Model):
+class PresetModel(LeanAttributes, keras.Model):
     """Base of keras-zoo's backbones and tasks."""
 
     family: str = ""
@@ -159,12 +161,13 @@ class PresetModel(keras.Model):
             # Reads (and casts) while the layers are built.
             checkpoint.prefetch(_read_ahead_limit(checkpoint, dtype), cast_to=_weight_dtype(dtype))
         try:
-            with skip_init(), _collector_paused(), backend.loading_variables():
-                model = cls._from_folder(config, folder, dtype=dtype, **kwargs)
-            fresh = model._fresh_weights()
-            weights = {path: v for path, v in weights_by_path(model).items() if path not in fresh}
-            rows = model.key_map(model.config)
-            load(plan(rows, checkpoint, weights), checkpoint, weights)
+            with _collector_paused():
+                with skip_init(), backend.loading_variables():
+                    model = cls._from_folder(config, folder, dtype=dtype, **kwargs)
+                fresh = model._fresh_weights()
+                weights = {path: v for path, v in weights_by_path(model).items() if path not in fresh}
+                rows = model.key_map(model.config)
+                load(plan(rows, checkpoint, weights), checkpoint, weights)
         finally:
             checkpoint.stop_prefetch()
         model._after_load()

@@ -13,12 +13,13 @@ from zoo.layers import activations, rotary
 from zoo.layers.dtypes import cast
 from zoo.layers.dense import einsum_dense
 from zoo.layers.norms import RMSNorm
+from zoo.layers.tracking import LeanAttributes
 from zoo.models.gemma.config import GemmaConfig
 
 MASKED = float(np.finfo(np.float32).min)  # a finite "minus infinity", as the reference's masks use
 
 
-class GemmaAttention(keras.layers.Layer):
+class GemmaAttention(LeanAttributes, keras.layers.Layer):
     """Grouped-query attention with rotary positions, optional q/k norms, soft-capping and a KV cache."""
 
     def __init__(self, config: GemmaConfig, **kwargs):
@@ -79,7 +80,7 @@ class GemmaAttention(keras.layers.Layer):
         return ops.reshape(out, (b, t, c.num_heads, c.head_dim))
 
 
-class GemmaMLP(keras.layers.Layer):
+class GemmaMLP(LeanAttributes, keras.layers.Layer):
     """down(act(gate(x)) * up(x)), GeGLU with the config's activation (tanh-approximate GELU)."""
 
     def __init__(self, config: GemmaConfig, **kwargs):
@@ -101,7 +102,7 @@ class GemmaMLP(keras.layers.Layer):
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))  # (b, t, d)
 
 
-class GemmaDecoderLayer(keras.layers.Layer):
+class GemmaDecoderLayer(LeanAttributes, keras.layers.Layer):
     """Pre-norm attention and MLP blocks; Gemma 2 and 3 also normalise their outputs ("sandwich")."""
 
     def __init__(self, config: GemmaConfig, **kwargs):

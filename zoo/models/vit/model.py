@@ -14,18 +14,19 @@ from zoo.layers import activations, init
 from zoo.layers.attention import SelfAttention
 from zoo.layers.dense import linear
 from zoo.layers.interpolate import bicubic_grid_matrix
+from zoo.layers.norms import LayerNorm
+from zoo.layers.tracking import LeanAttributes
 from zoo.models.base import PresetModel
 from zoo.models.vit import checkpoint_map
 from zoo.models.vit.config import ViTConfig, resolution
 from zoo.models.vit.preprocess import PREPROCESSOR_FILE, ImagePreprocessor
 
 
-def _layer_norm(eps: float, name: str, dtype) -> keras.layers.LayerNormalization:
-    return keras.layers.LayerNormalization(epsilon=eps, gamma_initializer=init.ones(), beta_initializer=init.zeros(),
-                                           name=name, dtype=dtype)
+def _layer_norm(eps: float, name: str, dtype) -> LayerNorm:
+    return LayerNorm(epsilon=eps, gamma_initializer=init.ones(), beta_initializer=init.zeros(), name=name, dtype=dtype)
 
 
-class ViTEmbeddings(keras.layers.Layer):
+class ViTEmbeddings(LeanAttributes, keras.layers.Layer):
     """Patches -> tokens, a [CLS] token in front, plus (possibly resampled) position embeddings."""
 
     def __init__(self, config: ViTConfig, image_size: tuple[int, int], dropout: float = 0.0, **kwargs):
@@ -69,7 +70,7 @@ class ViTEmbeddings(keras.layers.Layer):
         return self.dropout(x, training=training) if self.dropout is not None else x
 
 
-class ViTLayer(keras.layers.Layer):
+class ViTLayer(LeanAttributes, keras.layers.Layer):
     """Pre-norm encoder block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
     def __init__(self, config: ViTConfig, hidden_dropout: float = 0.0, attention_dropout: float = 0.0, **kwargs):
