@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import ViTForImageClassification, ViTModel
+from transformers import ViTModel
 
 import zoo
 from zoo.backend import to_numpy

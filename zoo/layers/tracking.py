@@ -5,11 +5,12 @@ and `build` set (~90 per layer), runs three trackers in turn: Keras' (is it a va
 layer, a metric, a seed generator, a list to wrap?), then Keras' and TensorFlow's
 `sticky_attribute_assignment` (is it a TensorFlow `Trackable` to depend on?). For a number, a
 string, a function, a dtype policy or an input spec every one of them answers no and stores the
-value as it is; building the 1 GB ViT of benchmarks/load.py made 18k such calls, ~0.05 s of its
-~0.25 s `from_preset`. A class that lists this mixin first stores those values directly. Anything
-a tracker could want (variables, layers, metrics, seed generators, lists, dicts, sets, tuples,
-any TensorFlow `Trackable`), and any value replacing one, still goes through Keras. Properties
-keep their setters (`object.__setattr__` honours descriptors). The other backends are unchanged.
+value as it is. A class that lists this mixin first stores those values directly: building the
+1 GB ViT of benchmarks/load.py sets 18.4k attributes, 11.9k of them such values, and took
+0.19-0.20 s with all of them tracked, 0.15-0.16 s with this mixin. Anything a tracker could want
+(variables, layers, metrics, seed generators, lists, dicts, sets, tuples, any TensorFlow
+`Trackable`), and any value replacing one, still goes through Keras. Properties keep their
+setters (`object.__setattr__` honours descriptors). The other backends are unchanged.
 """
 
 import keras
