@@ -1,5 +1,6 @@
 """Building weights for a checkpoint and giving them its values: placeholders, adopted buffers, casts."""
 
+import collections
 import gc
 import mmap
 
@@ -113,6 +114,109 @@ def test_cast_weights_land_in_buffers_the_backends_adopt():
         cast = astype_aligned(source, "float32")
         assert cast.ctypes.data % 64 == 0 and cast.flags.c_contiguous and cast.dtype == np.float32
         np.testing.assert_array_equal(cast, source.astype(np.float32))
+
+
+def _lean_and_plain_layers():
+    """One layer body, as a Keras layer and with `LeanAttributes` first: every kind of attribute set."""
+    from keras.src.utils.tracking import DotNotTrackScope
+
+    from zoo.layers.tracking import LeanAttributes
+
+    class Block(keras.layers.Layer):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.number, self.text, self.function = 3, "text", len
+            self.items, self.table, self.group = [1], {"a": 1}, {2}
+            self.ordered = collections.OrderedDict(b=2)
+            self.pair, self.frozen = (1, [2]), frozenset({3})
+            self.dense = keras.layers.Dense(2, name="dense")
+            self.blocks = [keras.layers.Dense(2, name="listed")]
+            self.holder = None
+            self.holder = keras.layers.Dense(2, name="holder")  # a layer where a plain value was
+            self.dense = keras.layers.Dense(2, name="dense_again")  # a layer replacing a tracked one
+            if keras.backend.backend() == "tensorflow":
+                from tensorflow.python.trackable.data_structures import NoDependency
+
+                self.hidden = NoDependency([keras.layers.Dense(2, name="hidden")])
+                self._self_setattr_tracking = False  # as Keras' and TF's own bookkeeping sets its lists
+                self.untracked_list = [4]
+                self._self_setattr_tracking = True
+            with DotNotTrackScope():
+                self.while_off = [5]
+
+        def build(self, input_shape):
+            self.kernel = self.add_weight(shape=(2,), initializer="zeros", name="kernel")
+            self.frozen_weight = self.add_weight(shape=(2,), initializer="ones", name="frozen", trainable=False)
+            self.alias = self.kernel  # the same variable under a second name
+            self.child = self.child  # through the property: nothing to do
+            self.items.append(keras.layers.Dense(2, name="appended"))  # tracked lists see later additions
+            self.table["layer"] = keras.layers.Dense(2, name="in_dict")
+            for layer in (self.dense, self.holder, *self.blocks, self.items[-1], self.table["layer"]):
+                layer.build(input_shape)
+
+        @property
+        def child(self):  # a property: TF's trackers read it first and skip setting what it already gives
+            return self.dense
+
+        @child.setter
+        def child(self, value):
+            self.dense = value
+
+    class LeanBlock(LeanAttributes, Block):
+        pass
+
+    return Block(name="block"), LeanBlock(name="block")
+
+
+def _tracking_state(layer) -> dict:
+    state = {
+        "attributes": {name: type(value).__name__ for name, value in vars(layer).items()},
+        "layers": [sub.name for sub in layer._layers],
+        "weights": [v.path for v in layer.weights],
+        "trainable": [v.path for v in layer.trainable_weights],
+        "config": layer.get_config(),
+    }
+    if keras.backend.backend() == "tensorflow":
+        state["tracked"] = list(layer._tracked)
+        state["dependencies"] = [(ref.name, type(ref.ref).__name__)
+                                 for ref in layer._self_unconditional_checkpoint_dependencies]
+        state["children"] = {name: type(child).__name__ for name, child in layer._trackable_children().items()}
+    return state
+
+
+def test_lean_attributes_leave_a_layer_as_keras_would():
+    # Whatever `LeanAttributes` stores directly, a layer ends up with the same attributes, Keras
+    # collections and TensorFlow dependencies as without it (this also checks a newer Keras or
+    # TensorFlow against the behaviour the mixin reproduces).
+    plain, lean = _lean_and_plain_layers()
+    for layer in (plain, lean):
+        layer.build((None, 2))
+        with pytest.raises(ValueError, match="already built"):  # Keras' lock holds, and nothing is set
+            layer.extra = keras.layers.Dense(2, name="after_build")
+    assert _tracking_state(lean) == _tracking_state(plain)
+    assert "extra" not in vars(lean) and len(plain.weights) == 12
+
+
+def test_lean_layers_keep_their_signatures_and_keras_configs():
+    # The signatures stored on the functions are the ones inspect computes, and Keras' configs made
+    # from them (the arguments given, defaults filled in) rebuild the layer.
+    import inspect
+
+    from zoo.layers.attention import SelfAttention
+
+    for function in (SelfAttention.__init__, SelfAttention.call, SelfAttention.build):
+        assert "__signature__" in vars(function)
+        stored = vars(function).pop("__signature__")
+        try:
+            assert inspect.signature(function) == stored
+        finally:
+            function.__signature__ = stored
+    layer = SelfAttention(2, 4, dropout=0.1, name="attention")
+    config = layer.get_config()
+    assert {k: config[k] for k in ("num_heads", "head_dim", "use_bias", "dropout", "name")} == {
+        "num_heads": 2, "head_dim": 4, "use_bias": True, "dropout": 0.1, "name": "attention"}
+    clone = SelfAttention.from_config(config)
+    assert (clone.num_heads, clone.head_dim, clone.dropout, clone.name) == (2, 4, 0.1, "attention")
 
 
 def test_layers_with_lean_attributes_keep_what_keras_and_tensorflow_track(tmp_path):

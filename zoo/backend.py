@@ -245,17 +245,19 @@ def _tf_adopt(variable, array):
     `AssignVariableOp` takes over a sole-owner input instead of copying it (~0.2 ms), run as the
     raw op: the checks `assign` makes are made here, and its Python took 22-37 us a variable
     against 11-14 (0.1 ms with the read of the new value it returns by default). TF
-    aborts the process on a tensor whose data is not 64-byte aligned, and NumPy's DLPack has
-    no bfloat16: those go through the copying path.
+    aborts the process on a tensor whose data is not 64-byte aligned: a transposed or misaligned
+    array (a convolution kernel from PyTorch's layout) is copied once into an aligned buffer
+    first. NumPy's DLPack has no bfloat16: those go through `assign`.
     """
     import tensorflow as tf
 
-    from zoo.safetensors_file import ALIGNMENT
+    from zoo.safetensors_file import ALIGNMENT, astype_aligned
 
     value = variable.value
-    if (array.size and array.flags.c_contiguous and array.ctypes.data % ALIGNMENT == 0
-            and array.dtype.name != "bfloat16" and array.dtype.name == value.dtype.name
+    if (array.size and array.dtype.name != "bfloat16" and array.dtype.name == value.dtype.name
             and tuple(array.shape) == tuple(value.shape) and value.device.endswith("CPU:0")):
+        if not (array.flags.c_contiguous and array.ctypes.data % ALIGNMENT == 0):
+            array = astype_aligned(array, array.dtype)
         tf.raw_ops.AssignVariableOp(resource=value.handle, value=tf.experimental.dlpack.from_dlpack(array.__dlpack__()))
     else:
         value.assign(array)  # tf.Variable.assign converts the host array itself
