@@ -236,7 +236,7 @@ def test_saved_preset_loads_with_its_file_as_the_weights(source, tmp_path):
     assert ranges, "the checkpoint file is not mapped"
     in_file = {v.path for v in model.weights if any(a <= storage_address(v) < b for a, b in ranges)}
     for i in range(CONFIG["num_hidden_layers"]):  # weights read as they lie (reshaped at most) are the file's pages
-        for part in ("attention/q_proj/kernel", "attention/o_proj/kernel", "fc1/kernel", "fc2/kernel"):
+        for part in ("q_proj/kernel", "o_proj/kernel", "fc1/kernel", "fc2/kernel"):
             assert any(p.endswith(f"layers_{i}/{part}") for p in in_file), (i, part, sorted(in_file))
     model.save_preset(saved)  # over the file its own weights are mapped from: the old file is unlinked, not overwritten
     np.testing.assert_array_equal(backend.to_numpy(model(pixels)), expected)

@@ -186,7 +186,7 @@ def test_lora_adapters_change_the_projections(hf_folders):
     clf, merged = zoo.ViTImageClassifier.from_preset(folder), zoo.ViTImageClassifier.from_preset(folder)
     rng = np.random.default_rng(1)
     for layer, twin in ((clf.backbone.encoder_layers[0].fc1, merged.backbone.encoder_layers[0].fc1),
-                        (clf.backbone.encoder_layers[1].attention.q_proj, merged.backbone.encoder_layers[1].attention.q_proj)):
+                        (clf.backbone.encoder_layers[1].q_proj, merged.backbone.encoder_layers[1].q_proj)):
         layer.enable_lora(2)
         layer.lora_kernel_b.assign(rng.standard_normal(layer.lora_kernel_b.shape).astype("float32"))
         twin.kernel.assign(to_numpy(layer.kernel))  # the merged kernel, as Keras defines it
@@ -209,7 +209,7 @@ def test_predict_follows_assigned_weights_and_new_adapters(hf_folders):
     after = clf.predict_on_batch(x)
     assert np.abs(after - before).max() > 10 * TOL
     np.testing.assert_allclose(after, to_numpy(clf(x)), atol=1e-5, rtol=0)
-    q_proj = clf.backbone.encoder_layers[1].attention.q_proj
+    q_proj = clf.backbone.encoder_layers[1].q_proj
     q_proj.enable_lora(2)
     q_proj.lora_kernel_b.assign(np.random.default_rng(2).standard_normal(q_proj.lora_kernel_b.shape).astype("float32"))
     adapted = clf.predict_on_batch(x)

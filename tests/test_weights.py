@@ -83,13 +83,22 @@ def test_weights_built_for_loading_take_the_checkpoint_values():
         layer = keras.layers.Dense(8, kernel_initializer=init.normal(), bias_initializer=init.zeros(), dtype="bfloat16")
         layer.build((None, 4))
     if keras.backend.backend() == "tensorflow":  # no initial value made: the checkpoint's is the first
-        assert not layer.kernel.value.is_initialized()
+        import tensorflow as tf
+
+        variable = layer.kernel.value
+        assert not variable.is_initialized()
+        # Its handle is made without a shape (one kernel for every shape); the variable, and what a
+        # tf.function reading it infers, still have the weight's.
+        assert variable.shape == (4, 8) and variable.dtype == tf.bfloat16
+        assert tf.function(lambda: variable.read_value()).get_concrete_function().output_shapes == (4, 8)
     backend.set_value(layer.kernel, np.full((4, 8), 0.5, ml_dtypes.bfloat16))
     backend.set_value(layer.bias, np.arange(8, dtype=ml_dtypes.bfloat16))
     out = layer(np.ones((2, 4), "float32"))
     np.testing.assert_array_equal(backend.to_numpy(keras.ops.cast(out, "float32")), np.tile(np.arange(8) + 2.0, (2, 1)))
     layer.kernel.assign(layer.kernel.value * 2)
     np.testing.assert_array_equal(backend.to_numpy(keras.ops.cast(layer.kernel.value, "float32")), np.ones((4, 8)))
+    with pytest.raises(ValueError):  # another shape is refused, as for any weight
+        layer.kernel.assign(np.ones((3, 8), ml_dtypes.bfloat16))
 
 
 def test_set_value_copies_unaligned_strided_and_bfloat16_arrays():
@@ -202,30 +211,42 @@ def test_lean_layers_keep_their_signatures_and_keras_configs():
     # from them (the arguments given, defaults filled in) rebuild the layer.
     import inspect
 
-    from zoo.layers.attention import SelfAttention
+    from zoo.layers.tracking import LeanAttributes
+    from zoo.models.vit.model import ViTLayer
 
-    for function in (SelfAttention.__init__, SelfAttention.call, SelfAttention.build):
-        assert "__signature__" in vars(function)
-        stored = vars(function).pop("__signature__")
-        try:
-            assert inspect.signature(function) == stored
-        finally:
-            function.__signature__ = stored
-    layer = SelfAttention(2, 4, dropout=0.1, name="attention")
+    class Scale(LeanAttributes, keras.layers.Layer):  # no get_config: Keras makes it from the arguments
+        def __init__(self, units: int, scale: float = 1.0, use_bias: bool = True, **kwargs):
+            super().__init__(**kwargs)
+            self.units, self.scale, self.use_bias = units, scale, use_bias
+
+        def call(self, x):
+            return x * self.scale
+
+    for cls in (ViTLayer, Scale):
+        for function in (cls.__init__, cls.call, cls.build):  # Scale.build is Keras' own
+            assert "__signature__" in vars(function)
+            stored = vars(function).pop("__signature__")
+            try:
+                assert inspect.signature(function) == stored
+            finally:
+                function.__signature__ = stored
+    layer = Scale(4, scale=0.5, name="scale")
     config = layer.get_config()
-    assert {k: config[k] for k in ("num_heads", "head_dim", "use_bias", "dropout", "name")} == {
-        "num_heads": 2, "head_dim": 4, "use_bias": True, "dropout": 0.1, "name": "attention"}
-    clone = SelfAttention.from_config(config)
-    assert (clone.num_heads, clone.head_dim, clone.dropout, clone.name) == (2, 4, 0.1, "attention")
+    assert {k: config[k] for k in ("units", "scale", "use_bias", "name")} == {
+        "units": 4, "scale": 0.5, "use_bias": True, "name": "scale"}
+    clone = Scale.from_config(config)
+    assert (clone.units, clone.scale, clone.use_bias, clone.name) == (4, 0.5, True, "scale")
 
 
 def test_layers_with_lean_attributes_keep_what_keras_and_tensorflow_track(tmp_path):
     # `LeanAttributes` stores plain values directly on TensorFlow; everything a tracker wants still
     # reaches it: a layer put where a plain value was, property setters, the backend's checkpoints.
-    from zoo.layers.attention import SelfAttention
     from zoo.models.vit.config import ViTConfig
+    from zoo.models.vit.model import ViTLayer
 
-    layer = SelfAttention(2, 4, name="attention")
+    config = ViTConfig(hidden_size=8, num_layers=1, num_heads=2, intermediate_size=16, image_size=(8, 8),
+                       patch_size=(4, 4), num_labels=3)
+    layer = ViTLayer(config, name="block")
     layer.extra = None
     layer.extra = keras.layers.Dense(3, name="extra")
     layer.scale = 2.0
@@ -233,10 +254,8 @@ def test_layers_with_lean_attributes_keep_what_keras_and_tensorflow_track(tmp_pa
     layer.extra.build((None, 8))
     assert any(v is layer.extra.kernel for v in layer.weights) and layer.scale == 2.0
     layer.trainable = False  # a property: its setter runs and reaches the sublayers
-    assert not layer.trainable_weights and not layer.extra.trainable and len(layer.non_trainable_weights) == 10
+    assert not layer.trainable_weights and not layer.extra.trainable and len(layer.non_trainable_weights) == 18
 
-    config = ViTConfig(hidden_size=8, num_layers=1, num_heads=2, intermediate_size=16, image_size=(8, 8),
-                       patch_size=(4, 4), num_labels=3)
     model = zoo.ViTImageClassifier(config)
     before = [backend.to_numpy(v.value).copy() for v in model.weights]
     model.save_weights(tmp_path / "model.weights.h5")

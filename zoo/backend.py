@@ -298,6 +298,31 @@ class _Unset:
 _TF_LOADING = threading.local()  # .active: inside loading_variables()'s variable creator
 
 
+def _tf_unset_variable(unset: _Unset, kwargs: dict):
+    """An uninitialised variable of `unset`'s shape, whose handle eager TF makes with one kernel for all shapes.
+
+    Eager TensorFlow instantiates a kernel the first time an op runs with a new set of
+    attributes and resource shapes: a `VarHandleOp` carries the variable's shape, and an
+    `AssignVariableOp` is keyed on the shape its handle was made with, ~0.5 ms each for every
+    distinct weight shape (~13 ms of the 1 GB ViT's first load in a process, 12 shapes). So the
+    handle is made without a shape, and the variable (`set_shape`) and its handle's shape data
+    (what a `tf.function` reading it infers shapes from) are given the real one.
+    """
+    import tensorflow as tf
+    from tensorflow.python.ops import handle_data_util
+    from tensorflow.python.ops.resource_variable_ops import UninitializedVariable
+
+    dtype = tf.as_dtype(unset.dtype)
+    variable = UninitializedVariable(
+        shape=tf.TensorShape(None), dtype=dtype, name=kwargs["name"], trainable=kwargs.get("trainable", True),
+        constraint=kwargs.get("constraint"),
+        synchronization=kwargs.get("synchronization", tf.VariableSynchronization.AUTO),
+        aggregation=kwargs.get("aggregation", tf.VariableAggregation.NONE))
+    variable.set_shape(unset.shape)
+    handle_data_util.set_handle_data(variable.handle, handle_data_util.create_handle_data(variable.shape, dtype))
+    return variable
+
+
 def _tf_loading_creator(next_creator, **kwargs):
     import tensorflow as tf
 
@@ -312,13 +337,7 @@ def _tf_loading_creator(next_creator, **kwargs):
         finally:
             _TF_LOADING.active = False
         if isinstance(initial_value, _Unset):
-            from tensorflow.python.ops.resource_variable_ops import UninitializedVariable
-
-            return UninitializedVariable(
-                shape=initial_value.shape, dtype=tf.as_dtype(initial_value.dtype), name=kwargs["name"],
-                trainable=kwargs.get("trainable", True), constraint=kwargs.get("constraint"),
-                synchronization=kwargs.get("synchronization", tf.VariableSynchronization.AUTO),
-                aggregation=kwargs.get("aggregation", tf.VariableAggregation.NONE))
+            return _tf_unset_variable(initial_value, kwargs)
         kwargs["initial_value"] = initial_value
     return next_creator(**kwargs)
 

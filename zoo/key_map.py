@@ -63,7 +63,7 @@ class Row:
 
     Args:
         source: checkpoint tensor name; `{i}` matches a layer index.
-        target: model weight path relative to the model (`layers_{i}/attention/q_proj/kernel`),
+        target: model weight path relative to the model (`layers_{i}/q_proj/kernel`),
             a tuple of paths to split a fused tensor along its first axis, or None to ignore it.
         transform: a name from `TRANSFORMS`, applied to each part.
     """

@@ -1,4 +1,4 @@
-"""Normalisation layers: RMS normalisation as Gemma does it (in float32, scaled by (1 + w)), and LayerNorm."""
+"""Normalisation: RMS normalisation as Gemma does it (in float32, scaled by (1 + w)), and LayerNorm."""
 
 import keras
 from keras import ops
@@ -34,3 +34,9 @@ class RMSNorm(LeanAttributes, keras.layers.Layer):
 @keras.saving.register_keras_serializable(package="zoo")
 class LayerNorm(LeanAttributes, keras.layers.LayerNormalization):
     """`keras.layers.LayerNormalization`, lighter to build on TensorFlow (see `zoo.layers.tracking`)."""
+
+
+def layer_norm(x, gamma, beta, epsilon: float, compute_dtype):
+    """What `keras.layers.LayerNormalization` computes over the last axis, for weights a block holds itself
+    (made with `autocast=False`, as that layer makes them)."""
+    return ops.cast(ops.layer_normalization(x, gamma, beta, axis=-1, epsilon=epsilon), compute_dtype)

@@ -1,6 +1,7 @@
 """ViTBackbone (patch tokens -> hidden states) and ViTImageClassifier (images -> label logits)."""
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 
@@ -11,10 +12,9 @@ from keras import ops
 from zoo import backend
 from zoo.errors import ConfigError, ImageError
 from zoo.layers import activations, init
-from zoo.layers.attention import SelfAttention
-from zoo.layers.dense import linear
+from zoo.layers.dense import einsum_dense, linear
 from zoo.layers.interpolate import bicubic_grid_matrix
-from zoo.layers.norms import LayerNorm
+from zoo.layers.norms import LayerNorm, layer_norm
 from zoo.layers.tracking import LeanAttributes
 from zoo.models.base import PresetModel
 from zoo.models.vit import checkpoint_map
@@ -71,33 +71,62 @@ class ViTEmbeddings(LeanAttributes, keras.layers.Layer):
 
 
 class ViTLayer(LeanAttributes, keras.layers.Layer):
-    """Pre-norm encoder block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm encoder block: x + attn(norm(x)), then x + mlp(norm(x)).
+
+    The block holds the weights of its two LayerNorms (`layernorm_before_gamma`, ...) and its
+    attention projections (`q_proj`, `k_proj`, `v_proj`, `o_proj`) itself, not in LayerNorm and
+    attention sublayers: a Keras layer costs ~0.2 ms to make and build on TensorFlow, and those
+    were 3 of the 10 per block (60 of the 206 of benchmarks/load.py's ViT, whose first load on
+    TensorFlow they made ~7% slower). The projections stay Keras layers of their own, for
+    `enable_lora` and quantisation.
+    """
 
     def __init__(self, config: ViTConfig, hidden_dropout: float = 0.0, attention_dropout: float = 0.0, **kwargs):
         super().__init__(**kwargs)
         dt = self.dtype_policy
-        self.layernorm_before = _layer_norm(config.layer_norm_eps, "layernorm_before", dt)
-        self.attention = SelfAttention(config.num_heads, config.head_dim, config.qkv_bias, attention_dropout,
-                                       name="attention", dtype=dt)
-        self.layernorm_after = _layer_norm(config.layer_norm_eps, "layernorm_after", dt)
+        self.epsilon, self.num_heads, self.head_dim = config.layer_norm_eps, config.num_heads, config.head_dim
+        heads, bias = (None, config.num_heads, config.head_dim), ("nh" if config.qkv_bias else None)
+        self.q_proj = einsum_dense("btd,nhd->btnh", heads, bias, "q_proj", dt)  # kernels (n, h, d): PyTorch's rows
+        self.k_proj = einsum_dense("btd,nhd->btnh", heads, bias, "k_proj", dt)
+        self.v_proj = einsum_dense("btd,nhd->btnh", heads, bias, "v_proj", dt)
+        self.o_proj = einsum_dense("btnh,dnh->btd", (None, config.hidden_size), "d", "o_proj", dt)
         # The activation inside fc1, applied to its 2-D product (TensorFlow fuses MatMul, BiasAdd, GELU).
         self.fc1 = linear(config.intermediate_size, "fc1", dt, activation=activations.get(config.hidden_act))
         self.fc2 = linear(config.hidden_size, "fc2", dt)
+        self.attention_dropout = keras.layers.Dropout(attention_dropout, dtype=dt) if attention_dropout else None
         self.dropout = keras.layers.Dropout(hidden_dropout, dtype=dt) if hidden_dropout else None
         self.intermediate_size = config.intermediate_size
 
     def build(self, input_shape):
-        for layer in (self.layernorm_before, self.attention, self.layernorm_after, self.fc1):
+        width = (input_shape[-1],)
+        norm_weight = functools.partial(self.add_weight, shape=width, autocast=False)  # as LayerNormalization's
+        self.layernorm_before_gamma = norm_weight(initializer=init.ones(), name="layernorm_before_gamma")
+        self.layernorm_before_beta = norm_weight(initializer=init.zeros(), name="layernorm_before_beta")
+        self.layernorm_after_gamma = norm_weight(initializer=init.ones(), name="layernorm_after_gamma")
+        self.layernorm_after_beta = norm_weight(initializer=init.zeros(), name="layernorm_after_beta")
+        for layer in (self.q_proj, self.k_proj, self.v_proj, self.fc1):
             layer.build(input_shape)
+        self.o_proj.build((*input_shape[:-1], self.num_heads, self.head_dim))
         self.fc2.build((*input_shape[:-1], self.intermediate_size))
 
     def _drop(self, x, training):
         return self.dropout(x, training=training) if self.dropout is not None else x
 
+    def _attention(self, x, training):
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (b, t, n, h) each
+        if training and self.attention_dropout is not None:
+            scores = ops.einsum("btnh,bsnh->bnts", q, k) * self.head_dim**-0.5  # (b, n, t, s)
+            probs = self.attention_dropout(ops.softmax(scores, axis=-1), training=True)
+            out = ops.einsum("bnts,bsnh->btnh", probs, v)  # (b, t, n, h)
+        else:
+            out = backend.attention(q, k, v, self.head_dim**-0.5)  # (b, t, n, h)
+        return self.o_proj(out)  # (b, t, d)
+
     def call(self, x, training=False):
-        x = x + self._drop(self.attention(self.layernorm_before(x), training=training), training)  # (b, t, d)
-        h = self.fc1(self.layernorm_after(x))  # (b, t, f), activated
-        return x + self._drop(self.fc2(h), training)  # (b, t, d)
+        normed = layer_norm(x, self.layernorm_before_gamma, self.layernorm_before_beta, self.epsilon, self.compute_dtype)
+        x = x + self._drop(self._attention(normed, training), training)  # (b, t, d)
+        normed = layer_norm(x, self.layernorm_after_gamma, self.layernorm_after_beta, self.epsilon, self.compute_dtype)
+        return x + self._drop(self.fc2(self.fc1(normed)), training)  # fc1 activated: (b, t, f) -> (b, t, d)
 
 
 @keras.saving.register_keras_serializable(package="zoo")
