@@ -351,7 +351,8 @@ def loading_variables():
     benchmarks/load.py's ViT, whose leaf names repeat from layer to layer); and a weight whose
     initialiser gives a placeholder (`init.skip_init`) starts uninitialised, without an initial
     value to make and assign (~0.2 ms instead of ~0.7 ms a variable), until `set_value` gives it
-    the checkpoint's. Keras' names and paths (`variable.path`, what saving and loading use) are
+    the checkpoint's, its handle made without a shape so that one kernel serves every shape
+    (`_tf_unset_variable`). Keras' names and paths (`variable.path`, what saving and loading use) are
     unchanged; only the underlying `tf.Variable.name` is short. Under a `tf.distribute`
     strategy variables are made as usual (with leaf names). A no-op on the other backends.
     """
