@@ -111,6 +111,28 @@ COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "echo", "best_of", "suffix"}
 CHAT_FIELDS = COMMON_FIELDS | {"messages", "top_logprobs", "response_format", "tools", "tool_choice"}
 
 
+PROMPT_FORMS = "a string, a list of token ids, or a list holding one of those (one prompt per request)"
+
+
+def _completion_prompt(body: dict, tokenizer, vocab_size: int) -> list[int]:
+    """The token ids of OpenAI's `prompt`: text, or token ids taken as they are (as OpenAI and vLLM do)."""
+    prompt = _field(body, "prompt", (str, list), required=True, message=PROMPT_FORMS)
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # the batch form, with one prompt
+    if not prompt:
+        raise APIError(400, "'prompt' is empty", param="prompt")
+    if isinstance(prompt, str):
+        return tokenizer.encode(prompt)
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        raise APIError(400, f"'prompt' must be {PROMPT_FORMS}, got {body['prompt']!r:.200}", param="prompt",
+                       code="invalid_type")
+    outside = [t for t in prompt if not 0 <= t < vocab_size]
+    if outside:
+        raise APIError(400, f"'prompt' holds token ids outside this model's vocabulary of {vocab_size}: "
+                            f"{outside[:5]}", param="prompt", code="invalid_value")
+    return list(prompt)
+
+
 def _sampling(body: dict, allowed: set[str], limit: int) -> dict:
     unknown = sorted(set(body) - allowed)
     if unknown:
@@ -279,14 +301,7 @@ class Server:
                         messages[i] = m
                 prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
             else:
-                prompt = _field(body, "prompt", (str, list), required=True, message="a string")
-                if isinstance(prompt, list):
-                    if len(prompt) != 1 or not isinstance(prompt[0], str):
-                        raise APIError(400, "'prompt' must be a string (or a list holding one string)", param="prompt")
-                    prompt = prompt[0]
-                if not prompt:
-                    raise APIError(400, "'prompt' is empty", param="prompt")
-                prompt_ids = tokenizer.encode(prompt)
+                prompt_ids = _completion_prompt(body, tokenizer, scheduler.lm.config.vocab_size)
         except (GenerationError, ZooError) as e:
             raise APIError(400, str(e), param="messages" if chat else "prompt") from None
         total = len(prompt_ids) + params["max_tokens"]

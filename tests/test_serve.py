@@ -109,6 +109,17 @@ def test_completion_matches_the_library(running, models):
     assert pieces[-1].usage.completion_tokens == out.usage.completion_tokens
 
 
+def test_completion_takes_token_ids(running, models):
+    # OpenAI's and vLLM's other prompt forms: token ids, and the batch form holding one prompt.
+    lm = models["tiny-gemma"]
+    client = openai_client(running)
+    ids = lm.tokenizer.encode("def add(a, b):")
+    expected = client.completions.create(model="tiny-gemma", prompt="def add(a, b):", max_tokens=12, temperature=0)
+    for prompt in (ids, [ids], ["def add(a, b):"]):
+        out = client.completions.create(model="tiny-gemma", prompt=prompt, max_tokens=12, temperature=0)
+        assert out.choices[0].text == expected.choices[0].text and out.usage.prompt_tokens == len(ids)
+
+
 def test_chat_matches_the_library(running, models):
     lm = models["tiny-gemma"]
     client = openai_client(running)
@@ -230,6 +241,15 @@ def test_full_queue_answers_429_and_keeps_serving(models):
     ({"model": "digits", "prompt": "x"}, 404, "does not do text generation"),
     ({"model": "tiny-gemma"}, 400, "'prompt' is a required property"),
     ({"model": "tiny-gemma", "prompt": ""}, 400, "'prompt' is empty"),
+    ({"model": "tiny-gemma", "prompt": []}, 400, "'prompt' is empty"),
+    ({"model": "tiny-gemma", "prompt": [[]]}, 400, "'prompt' is empty"),
+    ({"model": "tiny-gemma", "prompt": ["a", "b"]}, 400, "one prompt per request"),
+    ({"model": "tiny-gemma", "prompt": [[1, 2], [3]]}, 400, "one prompt per request"),
+    ({"model": "tiny-gemma", "prompt": [2, "x"]}, 400, "a list of token ids"),
+    ({"model": "tiny-gemma", "prompt": [2, True]}, 400, "a list of token ids"),
+    ({"model": "tiny-gemma", "prompt": [2, 1.5]}, 400, "a list of token ids"),
+    ({"model": "tiny-gemma", "prompt": [2, -1, 10**9]}, 400, "outside this model's vocabulary of"),
+    ({"model": "tiny-gemma", "prompt": 7}, 400, "'prompt' must be a string, a list of token ids"),
     ({"model": "tiny-gemma", "prompt": "x", "max_tokens": 0}, 400, "'max_tokens' must be a positive integer"),
     ({"model": "tiny-gemma", "prompt": "x", "max_tokens": 500}, 400, "this server allows at most"),
     ({"model": "tiny-gemma", "prompt": "x " * 60, "max_tokens": 60}, 400, "maximum context length is 96"),
