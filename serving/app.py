@@ -114,8 +114,9 @@ CHAT_FIELDS = COMMON_FIELDS | {"messages", "top_logprobs", "response_format", "t
 PROMPT_FORMS = "a string, a list of token ids, or a list holding one of those (one prompt per request)"
 
 
-def _completion_prompt(body: dict, tokenizer, vocab_size: int) -> list[int]:
-    """The token ids of OpenAI's `prompt`: text, or token ids taken as they are (as OpenAI and vLLM do)."""
+def _completion_prompt(body: dict, tokenizer) -> list[int]:
+    """The token ids of OpenAI's `prompt`: text, or token ids taken as they are (as OpenAI and vLLM do;
+    the engine refuses ids outside the model's vocabulary)."""
     prompt = _field(body, "prompt", (str, list), required=True, message=PROMPT_FORMS)
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # the batch form, with one prompt
@@ -126,10 +127,6 @@ def _completion_prompt(body: dict, tokenizer, vocab_size: int) -> list[int]:
     if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         raise APIError(400, f"'prompt' must be {PROMPT_FORMS}, got {body['prompt']!r:.200}", param="prompt",
                        code="invalid_type")
-    outside = [t for t in prompt if not 0 <= t < vocab_size]
-    if outside:
-        raise APIError(400, f"'prompt' holds token ids outside this model's vocabulary of {vocab_size}: "
-                            f"{outside[:5]}", param="prompt", code="invalid_value")
     return list(prompt)
 
 
@@ -301,7 +298,7 @@ class Server:
                         messages[i] = m
                 prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
             else:
-                prompt_ids = _completion_prompt(body, tokenizer, scheduler.lm.config.vocab_size)
+                prompt_ids = _completion_prompt(body, tokenizer)
         except (GenerationError, ZooError) as e:
             raise APIError(400, str(e), param="messages" if chat else "prompt") from None
         total = len(prompt_ids) + params["max_tokens"]
@@ -317,7 +314,7 @@ class Server:
             raise APIError(429, f"the server is at capacity ({e}); retry later", "rate_limit_error",
                            code="queue_full", headers={"Retry-After": "1"}) from None
         except GenerationError as e:
-            raise APIError(400, str(e)) from None
+            raise APIError(400, str(e), param="messages" if chat else "prompt") from None
         self.metrics.prompt_tokens.labels(name).inc(len(prompt_ids))
         meta = dict(id=("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex, created=int(time.time()), model=name,
                     object="chat.completion" if chat else "text_completion")

@@ -291,6 +291,22 @@ def test_generation_errors(models, call, message):
         call(models["gemma"])
 
 
+def test_engine_refuses_token_ids_outside_the_vocabulary(models):
+    from zoo.generation import GenerationEngine
+
+    lm = models["gemma"]
+    engine = GenerationEngine(lm, rows=1, length=16)
+    vocab = lm.config.vocab_size
+    for ids, bad in (([1, vocab], vocab), ([-1, 2], -1)):
+        with pytest.raises(GenerationError, match=rf"outside the model's vocabulary of {vocab}: \[{bad}\]"):
+            engine.submit(ids, max_new_tokens=2)
+    assert not engine.waiting  # nothing queued
+    request = engine.submit([1, vocab - 1], max_new_tokens=2)
+    while not request.finished:
+        engine.step()
+    assert len(request.tokens) == 2
+
+
 def test_tokenizer_that_does_not_match_the_vocabulary(tmp_path, folders):
     folder = shutil.copytree(folders["gemma"], tmp_path / "small_vocab")
     raw = json.loads((folder / "config.json").read_text())

@@ -248,7 +248,7 @@ def test_full_queue_answers_429_and_keeps_serving(models):
     ({"model": "tiny-gemma", "prompt": [2, "x"]}, 400, "a list of token ids"),
     ({"model": "tiny-gemma", "prompt": [2, True]}, 400, "a list of token ids"),
     ({"model": "tiny-gemma", "prompt": [2, 1.5]}, 400, "a list of token ids"),
-    ({"model": "tiny-gemma", "prompt": [2, -1, 10**9]}, 400, "outside this model's vocabulary of"),
+    ({"model": "tiny-gemma", "prompt": [2, -1, 10**9]}, 400, "outside the model's vocabulary of"),
     ({"model": "tiny-gemma", "prompt": 7}, 400, "'prompt' must be a string, a list of token ids"),
     ({"model": "tiny-gemma", "prompt": "x", "max_tokens": 0}, 400, "'max_tokens' must be a positive integer"),
     ({"model": "tiny-gemma", "prompt": "x", "max_tokens": 500}, 400, "this server allows at most"),

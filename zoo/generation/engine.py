@@ -103,6 +103,10 @@ class GenerationEngine:
         prompt_ids = [int(i) for i in prompt_ids]
         if not prompt_ids:
             raise GenerationError("the prompt is empty; give at least one token")
+        vocab = self.model.config.vocab_size
+        outside = [i for i in prompt_ids if not 0 <= i < vocab]
+        if outside:  # an embedding lookup would fail on some backends and clamp on others (JAX)
+            raise GenerationError(f"the prompt holds token ids outside the model's vocabulary of {vocab}: {outside[:5]}")
         if len(prompt_ids) >= self.length:
             raise GenerationError(
                 f"the prompt has {len(prompt_ids)} tokens; this engine holds {self.length} positions "
