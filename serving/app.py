@@ -314,7 +314,7 @@ class Server:
             raise APIError(429, f"the server is at capacity ({e}); retry later", "rate_limit_error",
                            code="queue_full", headers={"Retry-After": "1"}) from None
         except GenerationError as e:
-            raise APIError(400, str(e), param="messages" if chat else "prompt") from None
+            raise APIError(400, str(e)) from None
         self.metrics.prompt_tokens.labels(name).inc(len(prompt_ids))
         meta = dict(id=("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex, created=int(time.time()), model=name,
                     object="chat.completion" if chat else "text_completion")
