@@ -171,6 +171,18 @@ def test_new_head_keeps_backbone(hf_folders):
     assert to_numpy(zoo.ViTImageClassifier.from_preset(folder, num_labels=7)(x)).shape == (2, 7)
 
 
+def test_new_head_is_saved(hf_folders, tmp_path):
+    """A classifier given a new head (to fine-tune) saves it: it reloads here and in transformers."""
+    folder = hf_folders["odd_sizes"]
+    x = pixels(VARIANTS["odd_sizes"])
+    clf = zoo.ViTImageClassifier.from_preset(folder, labels=["cat", "dog", "eel"])
+    saved = clf.save_preset(tmp_path / "new_head")
+    with safe_open(saved / "model.safetensors", "np") as f:
+        assert f.get_tensor("classifier.weight").shape == (3, 36)
+    np.testing.assert_array_equal(to_numpy(zoo.ViTImageClassifier.from_preset(saved)(x)), to_numpy(clf(x)))
+    np.testing.assert_allclose(hf_logits(saved, x), to_numpy(clf(x)), atol=TOL, rtol=0)
+
+
 def test_keras_config_round_trip(hf_folders):
     clf = zoo.ViTImageClassifier.from_preset(hf_folders["odd_sizes"])
     clone = zoo.ViTImageClassifier.from_config(clf.get_config())
@@ -194,6 +206,14 @@ def test_lora_adapters_change_the_projections(hf_folders):
     np.testing.assert_allclose(to_numpy(clf(x)), to_numpy(merged(x)), atol=TOL, rtol=0)
     trainable = {v.path for v in clf.trainable_weights}
     assert "backbone/layers_0/fc1/lora_kernel_a" in trainable and "backbone/layers_0/fc1/kernel" not in trainable
+
+
+def test_save_refuses_to_drop_lora_adapters(hf_folders, tmp_path):
+    clf = zoo.ViTImageClassifier.from_preset(hf_folders["odd_sizes"])
+    clf.backbone.encoder_layers[0].q_proj.enable_lora(2)
+    with pytest.raises(zoo.errors.UnexpectedWeightsError, match=r"would lose them: backbone/layers_0/q_proj/lora_kernel_a"):
+        clf.save_preset(tmp_path / "lora")
+    assert not (tmp_path / "lora").exists()  # nothing written
 
 
 def test_predict_follows_assigned_weights_and_new_adapters(hf_folders):

@@ -202,12 +202,13 @@ def export(rows: list[Row], weights: dict) -> list[PendingTensor]:
     """The checkpoint tensors the map's rows produce from the model's weights, for `write_checkpoint`."""
     import keras
 
-    pending = []
+    pending, written = [], set()
     for row in rows:
         if not row.targets:
             continue
         for index in _layer_indices(row, weights):
             targets = [t.replace("{i}", index) if index is not None else t for t in row.targets]
+            written.update(targets)
             variables = [weights[t] for t in targets]
             name = row.source.replace("{i}", index) if index is not None else row.source
             transform = TRANSFORMS[row.transform]
@@ -218,6 +219,13 @@ def export(rows: list[Row], weights: dict) -> list[PendingTensor]:
 
             nbytes = sum(math.prod(v.shape) * host_dtype(v.dtype).itemsize for v in variables)
             pending.append(PendingTensor(name, nbytes, produce))
+    left = sorted(set(weights) - written)
+    if left:  # e.g. LoRA adapters: the checkpoint layout has no place for them, and they must not vanish unsaid
+        raise UnexpectedWeightsError(
+            f"{len(left)} of the model's weights have no tensor in the checkpoint layout, so a saved checkpoint "
+            f"would lose them: {', '.join(left[:8])}{' ...' if len(left) > 8 else ''}; merge LoRA adapters into "
+            "their kernels before saving"
+        )
     return pending
 
 

@@ -177,10 +177,12 @@ class PresetModel(LeanAttributes, keras.Model):
     def save_preset(self, folder: str | os.PathLike, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> Path:
         """Writes config.json, the weights and the model's other files in the source's own layout."""
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
         config = self._export_config()
-        (folder / CONFIG_FILE).write_text(json.dumps(config.to_source(), indent=2) + "\n")
-        write_checkpoint(folder, export(self.key_map(config), weights_by_path(self)), max_shard_size)
+        source_config = config.to_source()  # both refuse what the layout cannot hold before anything is written
+        tensors = export(self.key_map(config), weights_by_path(self))
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / CONFIG_FILE).write_text(json.dumps(source_config, indent=2) + "\n")
+        write_checkpoint(folder, tensors, max_shard_size)
         self._save_extras(folder)
         source = getattr(self, "source", None)
         if source and ("commit" in source or "version" in source):  # downloaded: say from which revision

@@ -288,6 +288,7 @@ class ViTImageClassifier(PresetModel):
             for variable, initializer in ((self.classifier.kernel, self.classifier.kernel_initializer),
                                           (self.classifier.bias, self.classifier.bias_initializer)):
                 variable.assign(initializer.initializer(variable.shape, dtype=variable.dtype))
+        self.fresh_head = False  # loaded: from here on the head is part of the model, and `save_preset` writes it
 
     def _save_extras(self, folder: Path):
         if self.config.source_format == "hf":
