@@ -446,9 +446,15 @@ def test_unknown_timm_architecture(folder):
         _load(folder)
 
 
-def test_unsupported_timm_variant(folder):
-    (folder / "config.json").write_text(json.dumps({"architecture": "vit_base_patch16_clip_224", "pretrained_cfg": {}}))
-    with pytest.raises(ConfigError, match="unsupported timm architecture 'vit_base_patch16_clip_224'"):
+@pytest.mark.parametrize("architecture,message", [
+    ("vit_base_patch16_siglip_224", r"timm architecture 'vit_base_patch16_siglip_224' is not supported by "
+                                    r"keras-zoo's ViT: it has global_pool='map'"),
+    ("vit_giant_patch14_dinov2", r"it has mlp_layer=SwiGLUPacked"),
+    ("vit_base_patch16_rope_224", r"unsupported timm architecture 'vit_base_patch16_rope_224'.*timm 1\.0\.\d+'s table"),
+])
+def test_unsupported_timm_variant(folder, architecture, message):
+    (folder / "config.json").write_text(json.dumps({"architecture": architecture, "pretrained_cfg": {}}))
+    with pytest.raises(ConfigError, match=message):
         _load(folder)
 
 

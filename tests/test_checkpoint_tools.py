@@ -1,4 +1,4 @@
-"""`zoo checkpoint align`: checkpoints rewritten with aligned tensors, and what it cannot read."""
+"""`zoo checkpoint align`: checkpoints rewritten with aligned tensors, and what it cannot read; timm's ViT table."""
 
 import json
 import shutil
@@ -87,3 +87,60 @@ def test_align_output_must_be_a_folder(tmp_path, capsys):
     folder = save_hf_vit(tmp_path / "vit", seed=3, **CONFIG)
     assert cli.main(["checkpoint", "align", str(folder), "--output", str(folder / "config.json")]) == 1
     assert "config.json: exists and is not a folder" in capsys.readouterr().err
+
+
+# A stand-in for timm's models/vision_transformer.py, in the forms its model functions take.
+TIMM_SOURCE = """
+def vit_small_patch14_dinov2(pretrained: bool = False, **kwargs):
+    model_args = dict(patch_size=14, embed_dim=384, depth=12, num_heads=6, init_values=1e-5)
+    return _create_vision_transformer('vit_small_patch14_dinov2', pretrained=pretrained, **dict(model_args, **kwargs))
+
+def vit_base_patch16_clip_224(pretrained: bool = False, **kwargs):
+    model_args = dict(
+        patch_size=16, embed_dim=768, depth=12, num_heads=12, pre_norm=True, norm_layer=partial(LayerNorm, eps=1e-5))
+    return _create_vision_transformer('vit_base_patch16_clip_224', pretrained=pretrained, **dict(model_args, **kwargs))
+
+def vit_gigantic_patch14_224(pretrained: bool = False, **kwargs):
+    model_args = dict(patch_size=14, embed_dim=1664, mlp_ratio=64/13, depth=48, num_heads=16)
+    return _create_vision_transformer('vit_gigantic_patch14_224', pretrained=pretrained, **dict(model_args, **kwargs))
+
+def vit_base_patch16_siglip_224(pretrained: bool = False, **kwargs):
+    model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, class_token=False, global_pool='map')
+    return _create_vision_transformer('vit_base_patch16_siglip_224', pretrained=pretrained, **dict(model_args, **kwargs))
+
+def vit_giant_patch14_dinov2(pretrained: bool = False, **kwargs):
+    model_args = dict(patch_size=14, embed_dim=1536, depth=40, num_heads=24, init_values=1e-5,
+                      mlp_ratio=2.66667 * 2, mlp_layer=SwiGLUPacked, act_layer=nn.SiLU)
+    return _create_vision_transformer('vit_giant_patch14_dinov2', pretrained=pretrained, **dict(model_args, **kwargs))
+
+def vit_xp(pretrained: bool = False, **kwargs):
+    model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, qk_norm=True)
+    return _create_vision_transformer('vit_xp', pretrained=pretrained, **dict(model_args, **kwargs))
+
+def _helper():
+    model_args = dict(depth=1)
+"""
+
+
+def test_timm_table_reads_timm_source(tmp_path):
+    from zoo.checkpoints_tools import timm_vit_table
+
+    source = tmp_path / "vision_transformer.py"
+    source.write_text(TIMM_SOURCE)
+    out = tmp_path / "table.py"
+    assert timm_vit_table.main([str(source), "--version", "9.9", "--output", str(out)]) == 0
+    table = {}
+    exec(out.read_text(), table)
+    assert table["TIMM_VERSION"] == "9.9"
+    assert table["ARCHITECTURES"] == {
+        "vit_small_patch14_dinov2": {"patch_size": 14, "embed_dim": 384, "depth": 12, "num_heads": 6, "init_values": 1e-5},
+        "vit_base_patch16_clip_224": {"patch_size": 16, "embed_dim": 768, "depth": 12, "num_heads": 12,
+                                      "pre_norm": True, "norm_eps": 1e-5},
+        "vit_gigantic_patch14_224": {"patch_size": 14, "embed_dim": 1664, "mlp_ratio": 64 / 13, "depth": 48,
+                                     "num_heads": 16},
+    }
+    assert table["REFUSED"] == {
+        "vit_base_patch16_siglip_224": "global_pool='map'",
+        "vit_giant_patch14_dinov2": "mlp_layer=SwiGLUPacked, act_layer=nn.SiLU",
+        "vit_xp": "qk_norm=True",
+    }

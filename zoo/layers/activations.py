@@ -18,6 +18,7 @@ ACTIVATIONS: dict[str, Callable] = {
     "gelu_fast": lambda x: ops.gelu(x, approximate=True),
     "gelu_pytorch_tanh": lambda x: ops.gelu(x, approximate=True),
     "gelu_python_tanh": lambda x: ops.gelu(x, approximate=True),
+    "gelu_tanh": lambda x: ops.gelu(x, approximate=True),  # timm's name
     "quick_gelu": _quick_gelu,
     "relu": ops.relu,
     "silu": ops.silu,

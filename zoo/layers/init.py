@@ -57,3 +57,7 @@ def zeros() -> Skippable:
 
 def ones() -> Skippable:
     return Skippable(keras.initializers.Ones())
+
+
+def constant(value: float) -> Skippable:
+    return Skippable(keras.initializers.Constant(value))

@@ -1,4 +1,5 @@
-"""Resampling matrices that reproduce PyTorch's `interpolate(mode="bicubic", align_corners=False)`.
+"""Resampling matrices that reproduce PyTorch's `interpolate(mode="bicubic", align_corners=False)`,
+with or without `antialias` (transformers resamples ViT position embeddings without, timm with).
 
 Position embeddings are resampled to a new patch grid as a matrix product with a constant
 matrix built here in NumPy, so the result is identical on every backend (the backends' own
@@ -34,6 +35,37 @@ def bicubic_matrix(size_in: int, size_out: int) -> np.ndarray:
     return m
 
 
-def bicubic_grid_matrix(grid_in: tuple[int, int], grid_out: tuple[int, int]) -> np.ndarray:
+def _antialias_weight(x: float) -> float:
+    """PyTorch's antialiased bicubic filter: cubic convolution with a=-0.5 (as PIL), not -0.75."""
+    a, x = -0.5, abs(x)
+    if x < 1:
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+    if x < 2:
+        return (((x - 5) * x + 8) * x - 4) * a
+    return 0.0
+
+
+def antialiased_bicubic_matrix(size_in: int, size_out: int) -> np.ndarray:
+    """(size_out, size_in) matrix of `interpolate(mode="bicubic", antialias=True)` along one axis.
+
+    Up and down: the filter is widened by the scale when shrinking, and each row's weights are
+    normalised to sum to one (PyTorch's `_compute_indices_weights_aa`).
+    """
+    m = np.zeros((size_out, size_in), np.float64)
+    scale = size_in / size_out
+    support = 2.0 * scale if scale >= 1.0 else 2.0
+    invscale = 1.0 / scale if scale >= 1.0 else 1.0
+    for i in range(size_out):
+        center = scale * (i + 0.5)
+        lo = max(int(center - support + 0.5), 0)
+        hi = min(int(center + support + 0.5), size_in)
+        weights = [_antialias_weight((j - center + 0.5) * invscale) for j in range(lo, hi)]
+        total = sum(weights)
+        m[i, lo:hi] = np.asarray(weights) / (total if total else 1.0)
+    return m
+
+
+def bicubic_grid_matrix(grid_in: tuple[int, int], grid_out: tuple[int, int], antialias: bool = False) -> np.ndarray:
     """Matrix (out_h*out_w, in_h*in_w) resampling a row-major flattened grid."""
-    return np.kron(bicubic_matrix(grid_in[0], grid_out[0]), bicubic_matrix(grid_in[1], grid_out[1])).astype(np.float32)
+    one = antialiased_bicubic_matrix if antialias else bicubic_matrix
+    return np.kron(one(grid_in[0], grid_out[0]), one(grid_in[1], grid_out[1])).astype(np.float32)

@@ -33,10 +33,8 @@ _HF_UNUSED = ["pooler.dense.weight", "pooler.dense.bias", "embeddings.mask_token
 _HF_HEAD = [Row("classifier.weight", "classifier/kernel"), Row("classifier.bias", "classifier/bias")]
 
 _TIMM_BACKBONE = [
-    Row("cls_token", "embeddings/cls_token"),
     Row("pos_embed", "embeddings/position_embeddings"),
     Row("patch_embed.proj.weight", "embeddings/patch_embeddings/kernel", "conv_patch"),
-    Row("patch_embed.proj.bias", "embeddings/patch_embeddings/bias"),
     Row("blocks.{i}.norm1.weight", "layers_{i}/layernorm_before_gamma"),
     Row("blocks.{i}.norm1.bias", "layers_{i}/layernorm_before_beta"),
     Row("blocks.{i}.attn.qkv.weight", tuple(f"layers_{{i}}/{p}_proj/kernel" for p in "qkv"), "rows_to_heads"),
@@ -50,6 +48,14 @@ _TIMM_BACKBONE = [
     Row("blocks.{i}.mlp.fc2.weight", "layers_{i}/fc2/kernel"),
     Row("blocks.{i}.mlp.fc2.bias", "layers_{i}/fc2/bias"),
 ]
+# timm's optional parts, by the config field that calls for them.
+_TIMM_CLASS_TOKEN = [Row("cls_token", "embeddings/cls_token")]
+_TIMM_REGISTERS = [Row("reg_token", "embeddings/register_tokens")]
+_TIMM_PATCH_BIAS = [Row("patch_embed.proj.bias", "embeddings/patch_embeddings/bias")]
+_TIMM_PRE_NORM = [Row("norm_pre.weight", "pre_layernorm/gamma"), Row("norm_pre.bias", "pre_layernorm/beta")]
+_TIMM_LAYER_SCALE = [Row("blocks.{i}.ls1.gamma", "layers_{i}/layerscale_1"),
+                     Row("blocks.{i}.ls2.gamma", "layers_{i}/layerscale_2")]
+_TIMM_FINAL_NORM = {"tokens": "norm", "pooled": "fc_norm", "none": None}
 _TIMM_HEAD = [Row("head.weight", "classifier/kernel"), Row("head.bias", "classifier/bias")]
 
 
@@ -74,9 +80,14 @@ def rows(config: ViTConfig, layout: str, target_prefix: str = "", head: bool = F
     (a backbone has none, and a classifier given new labels starts a fresh one).
     """
     if layout == "timm":
-        final_norm = "fc_norm" if config.pooling == "avg" else "norm"
-        backbone = [*_TIMM_BACKBONE, Row(f"{final_norm}.weight", "layernorm/gamma"),
-                    Row(f"{final_norm}.bias", "layernorm/beta")]
+        backbone = list(_TIMM_BACKBONE)
+        for wanted, extra in ((config.class_token, _TIMM_CLASS_TOKEN), (config.register_tokens, _TIMM_REGISTERS),
+                              (not config.pre_norm, _TIMM_PATCH_BIAS), (config.pre_norm, _TIMM_PRE_NORM),
+                              (config.layer_scale is not None, _TIMM_LAYER_SCALE)):
+            backbone += extra if wanted else []
+        final_norm = _TIMM_FINAL_NORM[config.final_norm]
+        if final_norm:
+            backbone += [Row(f"{final_norm}.weight", "layernorm/gamma"), Row(f"{final_norm}.bias", "layernorm/beta")]
         head_rows, source_prefix = _TIMM_HEAD, ""
     else:
         backbone = _HF_BACKBONE + [Row(name, None) for name in _HF_UNUSED]

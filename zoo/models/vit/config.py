@@ -8,8 +8,10 @@ from typing import Any
 from zoo.errors import ConfigError
 from zoo.layers import activations
 from zoo.models.fields import Fields, checkpoint_dtype
+from zoo.models.vit import timm_architectures
 
-# timm's named sizes: width, depth, heads (mlp_ratio 4).
+# timm's named sizes: width, depth, heads (mlp_ratio 4), for plain `vit_<size>_patch<N>_<res>` names that
+# timm_architectures.ARCHITECTURES (timm's own table) does not list.
 TIMM_SIZES = {
     "tiny": (192, 12, 3),
     "small": (384, 12, 6),
@@ -18,13 +20,20 @@ TIMM_SIZES = {
     "huge": (1280, 32, 16),
 }
 TIMM_ARCHITECTURE = re.compile(r"^vit_(?P<size>[a-z]+)_patch(?P<patch>\d+)_(?P<res>\d+)$")
-# timm model_args we honour, and those whose non-default value we cannot honour.
-TIMM_ARGS = {"img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias", "global_pool", "in_chans", "num_classes"}
-TIMM_UNSUPPORTED = {
-    "class_token": True, "no_embed_class": False, "reg_tokens": 0, "pre_norm": False, "init_values": None,
-    "qk_norm": False, "fc_norm": None, "dynamic_img_size": False, "act_layer": None, "norm_layer": None,
-    "block_fn": None, "mlp_layer": None, "embed_layer": None, "pos_embed": "learn", "class_token_pos": None,
+# timm model arguments we honour (and timm's table adds norm_eps, its partial(LayerNorm, eps=...)
+# which a config.json cannot spell); those we accept at their default value only; the activations we build.
+TIMM_ARGS = {
+    "img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias", "global_pool", "in_chans",
+    "num_classes", "class_token", "reg_tokens", "no_embed_class", "pre_norm", "init_values", "fc_norm", "final_norm",
+    "act_layer", "dynamic_img_size",
 }
+TIMM_UNSUPPORTED = {
+    "qk_norm": False, "norm_layer": None, "block_fn": None, "mlp_layer": None, "embed_layer": None, "attn_layer": None,
+    "pos_embed": "learn", "class_token_pos": None, "proj_bias": True, "scale_attn_norm": False,
+    "scale_mlp_norm": False, "pool_include_prefix": False, "dynamic_img_pad": False, "embed_norm_layer": None,
+}
+TIMM_ACTIVATIONS = ("gelu", "quick_gelu", "gelu_tanh")
+FINAL_NORMS = ("tokens", "pooled", "none")  # normalise every token, the pooled vector (timm's fc_norm), or neither
 # Fields of a HF ViT config.json that do not change inference maths, written back unchanged.
 HF_PASSTHROUGH = ("initializer_range", "encoder_stride", "pooler_output_size", "pooler_act")
 
@@ -52,7 +61,14 @@ class ViTConfig:
     qkv_bias: bool = True
     num_labels: int = 1000
     id2label: tuple[str, ...] = ()
-    pooling: str = "token"  # "token" (the [CLS] token) or "avg" (timm's mean over patches)
+    pooling: str = "token"  # "token" (the [CLS] token) or "avg" (timm's mean over the patch tokens)
+    # timm's variants (its VisionTransformer arguments in brackets); a Hugging Face ViT has the defaults.
+    class_token: bool = True  # a [CLS] token in front [class_token]
+    register_tokens: int = 0  # learned tokens after it, dropped by pooling [reg_tokens]
+    prefix_positions: bool = True  # position embeddings cover the [CLS] and register tokens [not no_embed_class]
+    layer_scale: float | None = None  # per-channel scales on each residual branch, initial value [init_values]
+    pre_norm: bool = False  # a LayerNorm on the embeddings before the blocks; no patch bias then [pre_norm]
+    final_norm: str | None = None  # "tokens", "pooled" or "none"; None: "pooled" for avg pooling [fc_norm, final_norm]
     dtype: str = "float32"  # the checkpoint's own dtype
     source_format: str = "hf"  # "hf" or "timm": the config.json layout to write back
     extras: dict[str, Any] = field(default_factory=dict, compare=False)  # fields written back unchanged
@@ -74,6 +90,17 @@ class ViTConfig:
             raise ConfigError(f"image_size {self.image_size} is smaller than patch_size {self.patch_size}")
         if self.pooling not in ("token", "avg"):
             raise ConfigError(f"global_pool: expected 'token' or 'avg', got {self.pooling!r}")
+        if self.final_norm is None:  # frozen: set the derived default as dataclasses.replace would see it
+            object.__setattr__(self, "final_norm", "pooled" if self.pooling == "avg" else "tokens")
+        if self.final_norm not in FINAL_NORMS:
+            raise ConfigError(f"final_norm: expected one of {FINAL_NORMS}, got {self.final_norm!r}")
+        fields.flag("class_token")
+        fields.flag("prefix_positions")
+        fields.flag("pre_norm")
+        fields.integer("register_tokens", minimum=0)
+        fields.number("layer_scale", None)
+        if self.pooling == "token" and not self.class_token:
+            raise ConfigError("global_pool 'token' needs the class token (class_token is false)")
         activations.get(self.hidden_act)
         if self.id2label and len(self.id2label) != self.num_labels:
             raise ConfigError(f"id2label has {len(self.id2label)} labels but num_labels is {self.num_labels}")
@@ -91,6 +118,21 @@ class ViTConfig:
         return self.grid_size[0] * self.grid_size[1]
 
     @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens in front of the patches: the [CLS] token and the register tokens."""
+        return int(self.class_token) + self.register_tokens
+
+    @property
+    def num_positions(self) -> int:
+        return self.num_patches + (self.num_prefix_tokens if self.prefix_positions else 0)
+
+    @property
+    def is_plain(self) -> bool:
+        """Whether this is the original ViT, as a Hugging Face ViT config.json can describe it."""
+        return (self.class_token and not self.register_tokens and self.prefix_positions and self.layer_scale is None
+                and not self.pre_norm and self.pooling == "token" and self.final_norm == "tokens")
+
+    @property
     def labels(self) -> tuple[str, ...]:
         return self.id2label or tuple(f"LABEL_{i}" for i in range(self.num_labels))
 
@@ -99,10 +141,13 @@ class ViTConfig:
         d, i, c = self.hidden_size, self.intermediate_size, self.num_channels
         ph, pw = self.patch_size
         bias = d if self.qkv_bias else 0
-        embeddings = c * ph * pw * d + d + d + (self.num_patches + 1) * d  # patch conv, [CLS], positions
+        patch_bias = 0 if self.pre_norm else d
+        embeddings = c * ph * pw * d + patch_bias + self.num_prefix_tokens * d + self.num_positions * d
         layer = 2 * 2 * d + 3 * (d * d + bias) + d * d + d + d * i + i + i * d + d
+        layer += 2 * d if self.layer_scale is not None else 0
+        norms = 2 * d * (int(self.pre_norm) + int(self.final_norm != "none"))
         head = d * self.num_labels + self.num_labels if with_head else 0
-        return embeddings + self.num_layers * layer + 2 * d + head
+        return embeddings + self.num_layers * layer + norms + head
 
     def replace(self, **changes) -> "ViTConfig":
         return dataclasses.replace(self, **changes)
@@ -139,6 +184,11 @@ class ViTConfig:
         )
 
     def to_hf(self) -> dict:
+        if not self.is_plain:
+            raise ConfigError(
+                "this ViT has timm-only parts (register tokens, layer scale, pre-norm, average pooling...) that a "
+                "Hugging Face ViT config.json cannot describe; it saves in timm's layout (source_format 'timm')"
+            )
         labels = self.labels
         out = {
             "architectures": self.extras.get("architectures", ["ViTForImageClassification"]),
@@ -169,64 +219,89 @@ class ViTConfig:
     def from_timm(cls, raw: dict) -> "ViTConfig":
         where = "config.json"
         arch = raw.get("architecture")
-        m = TIMM_ARCHITECTURE.match(str(arch))
-        if not m or m["size"] not in TIMM_SIZES:
-            raise ConfigError(
-                f"{where}: unsupported timm architecture {arch!r}; keras-zoo reads the plain ViTs "
-                f"vit_{{{','.join(TIMM_SIZES)}}}_patch<N>_<resolution>"
-            )
-        width, depth, heads = TIMM_SIZES[m["size"]]
+        named = timm_architecture(arch, where)
         get = Fields(raw, where)
-        model_args = Fields(raw.get("model_args") or {}, f"{where} model_args")
-        args = dict(model_args.raw)
+        args = dict(Fields(raw.get("model_args") or {}, f"{where} model_args").raw)
         for key, default in TIMM_UNSUPPORTED.items():
             if key in args and args[key] != default:
                 raise ConfigError(f"{where}: model_args.{key}={args[key]!r} is not supported (expected {default!r})")
         unknown = set(args) - TIMM_ARGS - set(TIMM_UNSUPPORTED)
         if unknown:
             raise ConfigError(f"{where}: model_args {sorted(unknown)} are not supported by keras-zoo's ViT")
+        model = Fields({**named, **args}, f"{where} model_args")  # the table's values are timm's own, valid
         pretrained = Fields(raw.get("pretrained_cfg") or {}, f"{where} pretrained_cfg")
-        res = int(m["res"])
-        input_size = pretrained.sizes("input_size", [3, res, res], 3, "[channels, height, width]")
-        width = model_args.integer("embed_dim", width)
+        named_size = Fields(named, f"timm's {arch}").pair("img_size", 224)
+        input_size = pretrained.sizes("input_size", [3, *named_size], 3, "[channels, height, width]")
+        width = model.integer("embed_dim")
+        act = model.text("act_layer", "gelu")
+        if act not in TIMM_ACTIVATIONS:
+            raise ConfigError(f"{where}: model_args.act_layer={act!r} is not supported (expected one of {TIMM_ACTIVATIONS})")
+        pooling = args.get("global_pool") or get.text("global_pool", None) or model.text("global_pool", "token")
+        fc_norm = model.flag("fc_norm", None)
+        after_pool = pooling == "avg" if fc_norm is None else fc_norm  # timm's use_fc_norm
+        final_norm = ("pooled" if after_pool else "tokens") if model.flag("final_norm", True) else "none"
+        init_values = model.number("init_values", None)
         return cls(
             hidden_size=width,
-            num_layers=model_args.integer("depth", depth, minimum=0),
-            num_heads=model_args.integer("num_heads", heads),
-            intermediate_size=int(width * model_args.number("mlp_ratio", 4.0, minimum=0.0)),
-            hidden_act="gelu",
-            layer_norm_eps=1e-6,
-            image_size=model_args.pair("img_size", tuple(input_size[1:])),
-            patch_size=model_args.pair("patch_size", int(m["patch"])),
-            num_channels=model_args.integer("in_chans", input_size[0]),
-            qkv_bias=model_args.flag("qkv_bias", True),
+            num_layers=model.integer("depth", minimum=0),
+            num_heads=model.integer("num_heads"),
+            intermediate_size=int(width * model.number("mlp_ratio", 4.0, minimum=0.0)),  # as timm's Mlp
+            hidden_act=act,
+            layer_norm_eps=float(model.number("norm_eps", 1e-6, positive=True)),
+            image_size=model.pair("img_size", tuple(input_size[1:])),
+            patch_size=model.pair("patch_size"),
+            num_channels=model.integer("in_chans", input_size[0]),
+            qkv_bias=model.flag("qkv_bias", True),
             num_labels=get.integer("num_classes", pretrained.integer("num_classes", 1000, minimum=0), minimum=0),
             id2label=_timm_labels(get),
-            pooling=model_args.text("global_pool", None) or get.text("global_pool", None) or "token",
+            pooling=pooling,
+            class_token=model.flag("class_token", True),
+            register_tokens=model.integer("reg_tokens", 0, minimum=0),
+            prefix_positions=not model.flag("no_embed_class", False),
+            layer_scale=None if init_values is None else float(init_values),
+            pre_norm=model.flag("pre_norm", False),
+            final_norm=final_norm,
             dtype="float32",
             source_format="timm",
             extras={"architecture": arch, "pretrained_cfg": pretrained.raw, "model_args": args,
                     **{k: raw[k] for k in ("label_descriptions",) if k in raw}},
         )
 
+    def timm_args(self) -> dict:
+        """This config as timm's VisionTransformer arguments (norm_eps: its LayerNorm's epsilon)."""
+        return {
+            "patch_size": self.patch_size[0] if self.patch_size[0] == self.patch_size[1] else list(self.patch_size),
+            "embed_dim": self.hidden_size, "depth": self.num_layers, "num_heads": self.num_heads,
+            "mlp_ratio": self.intermediate_size / self.hidden_size, "qkv_bias": self.qkv_bias,
+            "class_token": self.class_token, "reg_tokens": self.register_tokens,
+            "no_embed_class": not self.prefix_positions, "pre_norm": self.pre_norm, "init_values": self.layer_scale,
+            "final_norm": self.final_norm != "none", "fc_norm": self.final_norm == "pooled",
+            "act_layer": self.hidden_act, "norm_eps": self.layer_norm_eps, "global_pool": self.pooling,
+        }
+
     def to_timm(self) -> dict:
+        if self.hidden_act not in TIMM_ACTIVATIONS:
+            raise ConfigError(f"hidden_act {self.hidden_act!r} has no timm equivalent (expected one of {TIMM_ACTIVATIONS})")
         pretrained = dict(self.extras.get("pretrained_cfg", {}))
         pretrained.update(num_classes=self.num_labels, input_size=[self.num_channels, *self.image_size])
-        out = {
-            "architecture": self.extras.get("architecture", f"vit_base_patch{self.patch_size[0]}_{self.image_size[0]}"),
-            "num_classes": self.num_labels,
-            "num_features": self.hidden_size,
-            "global_pool": self.pooling,
-        }
+        arch = self.extras.get("architecture") or f"vit_base_patch{self.patch_size[0]}_{self.image_size[0]}"
+        out = {"architecture": arch, "num_classes": self.num_labels, "num_features": self.hidden_size,
+               "global_pool": self.pooling}
         if self.id2label:
             out["label_names"] = list(self.id2label)
         out.update({k: v for k, v in self.extras.items() if k == "label_descriptions"})
+        # model_args: what the config.json said, and every argument in which this model differs from
+        # what timm builds for the architecture's name alone.
+        named = ViTConfig.from_timm({"architecture": arch, "pretrained_cfg": {"input_size": pretrained["input_size"]}})
         args = dict(self.extras.get("model_args", {}))
-        m = TIMM_ARCHITECTURE.match(out["architecture"])
-        named = TIMM_SIZES.get(m["size"]) if m else None
-        if named != (self.hidden_size, self.num_layers, self.num_heads) or self.intermediate_size != 4 * self.hidden_size:
-            args.update(embed_dim=self.hidden_size, depth=self.num_layers, num_heads=self.num_heads,
-                        mlp_ratio=self.intermediate_size / self.hidden_size)
+        base, own = named.timm_args(), self.timm_args()
+        if own.pop("norm_eps") != base.pop("norm_eps"):
+            raise ConfigError(f"layer_norm_eps {self.layer_norm_eps} differs from timm's {named.layer_norm_eps} for "
+                              f"{arch!r}, and timm's config.json has no field for it")
+        args.update({key: value for key, value in own.items() if key in args or value != base[key]})
+        # Fields newer timm exports repeat in model_args (timm builds from these): this model's values.
+        current = {"img_size": list(self.image_size), "num_classes": self.num_labels, "in_chans": self.num_channels}
+        args.update({key: value for key, value in current.items() if key in args})
         if args:
             out["model_args"] = args
         out["pretrained_cfg"] = pretrained
@@ -235,6 +310,25 @@ class ViTConfig:
     def to_source(self) -> dict:
         """The config.json in the layout this config was read from."""
         return self.to_timm() if self.source_format == "timm" else self.to_hf()
+
+
+def timm_architecture(name, where: str) -> dict:
+    """timm's arguments for a named ViT architecture (its table, or a plain `vit_<size>_patch<N>_<res>`)."""
+    if name in timm_architectures.ARCHITECTURES:
+        return dict(timm_architectures.ARCHITECTURES[name])
+    if name in timm_architectures.REFUSED:
+        raise ConfigError(f"{where}: timm architecture {name!r} is not supported by keras-zoo's ViT: it has "
+                          f"{timm_architectures.REFUSED[name]}")
+    m = TIMM_ARCHITECTURE.match(str(name))
+    if not m or m["size"] not in TIMM_SIZES:
+        raise ConfigError(
+            f"{where}: unsupported timm architecture {name!r}; keras-zoo reads the ViTs of timm "
+            f"{timm_architectures.TIMM_VERSION}'s table (zoo/models/vit/timm_architectures.py) and plain "
+            f"vit_{{{','.join(TIMM_SIZES)}}}_patch<N>_<resolution>"
+        )
+    width, depth, heads = TIMM_SIZES[m["size"]]
+    return {"patch_size": int(m["patch"]), "embed_dim": width, "depth": depth, "num_heads": heads,
+            "img_size": int(m["res"])}
 
 
 def resolution(value, default: tuple[int, int]) -> tuple[int, int]:

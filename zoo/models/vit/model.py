@@ -27,25 +27,37 @@ def _layer_norm(eps: float, name: str, dtype) -> LayerNorm:
 
 
 class ViTEmbeddings(LeanAttributes, keras.layers.Layer):
-    """Patches -> tokens, a [CLS] token in front, plus (possibly resampled) position embeddings."""
+    """Patches -> tokens, with the [CLS] and register tokens in front, plus (possibly resampled) position embeddings.
+
+    Position embeddings cover the front tokens too unless `config.prefix_positions` is false
+    (timm's `no_embed_class`): then they are added to the patches before the front tokens join.
+    """
 
     def __init__(self, config: ViTConfig, image_size: tuple[int, int], dropout: float = 0.0, **kwargs):
         super().__init__(**kwargs)
         self.config, self.image_size = config, tuple(image_size)
         self.patch_embeddings = keras.layers.Conv2D(
             config.hidden_size, config.patch_size, strides=config.patch_size, padding="valid",
+            use_bias=not config.pre_norm,  # as timm: a CLIP-style pre-norm ViT has no patch bias
             kernel_initializer=init.normal(), bias_initializer=init.zeros(), name="patch_embeddings", dtype=self.dtype_policy,
         )
         self.dropout = keras.layers.Dropout(dropout, dtype=self.dtype_policy) if dropout else None
         grid = (self.image_size[0] // config.patch_size[0], self.image_size[1] // config.patch_size[1])
-        # As transformers' interpolate_pos_encoding: resample only when the grid changes.
-        self.resample = None if grid == config.grid_size else bicubic_grid_matrix(config.grid_size, grid)
+        # Resample only when the grid changes, as transformers' interpolate_pos_encoding (bicubic) and
+        # timm's resample_abs_pos_embed (bicubic, antialiased) do.
+        self.resample = None if grid == config.grid_size else bicubic_grid_matrix(
+            config.grid_size, grid, antialias=config.source_format == "timm")
+        self.cls_token = self.register_tokens = None
 
     def build(self, input_shape):
-        d = self.config.hidden_size
-        self.cls_token = self.add_weight(shape=(1, 1, d), initializer=init.normal(), name="cls_token")
+        d, config = self.config.hidden_size, self.config
+        if config.class_token:
+            self.cls_token = self.add_weight(shape=(1, 1, d), initializer=init.normal(), name="cls_token")
+        if config.register_tokens:
+            self.register_tokens = self.add_weight(shape=(1, config.register_tokens, d), initializer=init.normal(),
+                                                   name="register_tokens")
         self.position_embeddings = self.add_weight(
-            shape=(1, self.config.num_patches + 1, d), initializer=init.normal(), name="position_embeddings"
+            shape=(1, config.num_positions, d), initializer=init.normal(), name="position_embeddings"
         )
         self.patch_embeddings.build(input_shape)
 
@@ -57,16 +69,21 @@ class ViTEmbeddings(LeanAttributes, keras.layers.Layer):
                 f"{got[0]}x{got[1]}; `preprocess` resizes images, and `from_preset(..., image_size=(h, w))` builds "
                 "the model for another resolution"
             )
+        d = self.config.hidden_size
         x = self.patch_embeddings(images)  # (b, gh, gw, d)
         b = ops.shape(x)[0]
-        x = ops.reshape(x, (b, -1, self.config.hidden_size))  # (b, p, d)
-        cls = ops.broadcast_to(ops.cast(self.cls_token, x.dtype), (b, 1, self.config.hidden_size))
-        x = ops.concatenate([cls, x], axis=1)  # (b, 1 + p, d)
+        x = ops.reshape(x, (b, -1, d))  # (b, p, d)
+        front = [ops.broadcast_to(ops.cast(w, x.dtype), (b, w.shape[1], d))
+                 for w in (self.cls_token, self.register_tokens) if w is not None]  # (b, 1, d), (b, r, d)
         pos = ops.cast(self.position_embeddings, x.dtype)
         if self.resample is not None:
-            patches = ops.einsum("qp,pd->qd", ops.cast(self.resample, x.dtype), pos[0, 1:])  # (p', d)
-            pos = ops.concatenate([pos[:, :1], patches[None]], axis=1)  # (1, 1 + p', d)
-        x = x + pos
+            first = self.config.num_prefix_tokens if self.config.prefix_positions else 0
+            patches = ops.einsum("qp,pd->qd", ops.cast(self.resample, x.dtype), pos[0, first:])  # (p', d)
+            pos = ops.concatenate([pos[:, :first], patches[None]], axis=1)  # (1, first + p', d)
+        if self.config.prefix_positions:
+            x = ops.concatenate([*front, x], axis=1) + pos  # (b, prefix + p, d)
+        else:
+            x = ops.concatenate([*front, x + pos], axis=1) if front else x + pos
         return self.dropout(x, training=training) if self.dropout is not None else x
 
 
@@ -96,6 +113,8 @@ class ViTLayer(LeanAttributes, keras.layers.Layer):
         self.attention_dropout = keras.layers.Dropout(attention_dropout, dtype=dt) if attention_dropout else None
         self.dropout = keras.layers.Dropout(hidden_dropout, dtype=dt) if hidden_dropout else None
         self.intermediate_size = config.intermediate_size
+        self.layer_scale = config.layer_scale
+        self.layerscale_1 = self.layerscale_2 = None
 
     def build(self, input_shape):
         width = (input_shape[-1],)
@@ -104,12 +123,18 @@ class ViTLayer(LeanAttributes, keras.layers.Layer):
         self.layernorm_before_beta = norm_weight(initializer=init.zeros(), name="layernorm_before_beta")
         self.layernorm_after_gamma = norm_weight(initializer=init.ones(), name="layernorm_after_gamma")
         self.layernorm_after_beta = norm_weight(initializer=init.zeros(), name="layernorm_after_beta")
+        if self.layer_scale is not None:  # timm's LayerScale (ls1, ls2): one scale per channel and branch
+            scale = init.constant(self.layer_scale)
+            self.layerscale_1 = self.add_weight(shape=width, initializer=scale, name="layerscale_1")
+            self.layerscale_2 = self.add_weight(shape=width, initializer=scale, name="layerscale_2")
         for layer in (self.q_proj, self.k_proj, self.v_proj, self.fc1):
             layer.build(input_shape)
         self.o_proj.build((*input_shape[:-1], self.num_heads, self.head_dim))
         self.fc2.build((*input_shape[:-1], self.intermediate_size))
 
-    def _drop(self, x, training):
+    def _branch(self, x, scale, training):
+        """A residual branch's output, scaled per channel (layer scale) and dropped out when training."""
+        x = x if scale is None else x * ops.cast(scale, x.dtype)
         return self.dropout(x, training=training) if self.dropout is not None else x
 
     def _attention(self, x, training):
@@ -124,14 +149,18 @@ class ViTLayer(LeanAttributes, keras.layers.Layer):
 
     def call(self, x, training=False):
         normed = layer_norm(x, self.layernorm_before_gamma, self.layernorm_before_beta, self.epsilon, self.compute_dtype)
-        x = x + self._drop(self._attention(normed, training), training)  # (b, t, d)
+        x = x + self._branch(self._attention(normed, training), self.layerscale_1, training)  # (b, t, d)
         normed = layer_norm(x, self.layernorm_after_gamma, self.layernorm_after_beta, self.epsilon, self.compute_dtype)
-        return x + self._drop(self.fc2(self.fc1(normed)), training)  # fc1 activated: (b, t, f) -> (b, t, d)
+        return x + self._branch(self.fc2(self.fc1(normed)), self.layerscale_2, training)  # fc1 activated
 
 
 @keras.saving.register_keras_serializable(package="zoo")
 class ViTBackbone(PresetModel):
-    """Vision Transformer encoder: images `(b, h, w, c)` -> hidden states `(b, 1 + patches, d)`.
+    """Vision Transformer encoder: images `(b, h, w, c)` -> hidden states `(b, prefix + patches, d)`.
+
+    The prefix is the [CLS] token and any register tokens (`config.num_prefix_tokens`, 1 for a
+    Hugging Face ViT). The hidden states are normalised unless the config normalises after
+    pooling or not at all (`config.final_norm`); `pool` gives one vector per image.
 
     Args:
         config: the architecture.
@@ -163,7 +192,8 @@ class ViTBackbone(PresetModel):
         self.encoder_layers = [
             ViTLayer(config, hidden_dropout, attention_dropout, name=f"layers_{i}", dtype=dt) for i in range(config.num_layers)
         ]
-        self.layernorm = _layer_norm(config.layer_norm_eps, "layernorm", dt)
+        self.pre_layernorm = _layer_norm(config.layer_norm_eps, "pre_layernorm", dt) if config.pre_norm else None
+        self.layernorm = _layer_norm(config.layer_norm_eps, "layernorm", dt) if config.final_norm != "none" else None
         self.build((None, *self.image_size, config.num_channels))
         backend.set_predict_compiler(self)
 
@@ -172,21 +202,25 @@ class ViTBackbone(PresetModel):
         tokens = (input_shape[0], None, self.config.hidden_size)
         for layer in self.encoder_layers:
             layer.build(tokens)
-        self.layernorm.build(tokens)
+        for norm in (self.pre_layernorm, self.layernorm):
+            if norm is not None:
+                norm.build(tokens)
         self.built = True
 
     def call(self, images, training=False):
         x = self.embeddings(images, training=training)  # (b, t, d)
+        if self.pre_layernorm is not None:
+            x = self.pre_layernorm(x)
         for layer in self.encoder_layers:
             x = layer(x, training=training)
-        # timm's average pooling normalises after pooling (its fc_norm) instead.
-        return self.layernorm(x) if self.config.pooling == "token" else x
+        return self.layernorm(x) if self.config.final_norm == "tokens" else x
 
     def pool(self, hidden):
-        """Hidden states (b, t, d) -> one vector per image (b, d)."""
+        """Hidden states (b, t, d) -> one vector per image (b, d): the [CLS] token, or the patches' mean."""
         if self.config.pooling == "token":
             return hidden[:, 0]
-        return self.layernorm(ops.mean(hidden[:, 1:], axis=1))
+        pooled = ops.mean(hidden[:, self.config.num_prefix_tokens:], axis=1)
+        return self.layernorm(pooled) if self.config.final_norm == "pooled" else pooled
 
     def key_map(self, config: ViTConfig) -> list:
         return checkpoint_map.rows(config, config.source_format)
