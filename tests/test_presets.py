@@ -55,7 +55,8 @@ def test_catalogue_has_the_promised_presets():
 def test_param_count_from_architecture(card):
     """Counted from the config alone (a 9B model is never allocated)."""
     config = card.model_config()
-    assert type(config).__name__ == {"GemmaCausalLM": "GemmaConfig", "ViTImageClassifier": "ViTConfig"}[card.task]
+    assert type(config).__name__ == {"GemmaCausalLM": "GemmaConfig", "ViTImageClassifier": "ViTConfig",
+                                     "ViTBackbone": "ViTConfig"}[card.task]
     assert config.num_params() == card.params
 
 
@@ -72,6 +73,11 @@ def test_param_count_from_architecture(card):
               num_labels=5),
     ViTConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, image_size=(16, 16), patch_size=(8, 8),
               num_channels=1, qkv_bias=False, num_labels=3),
+    ViTConfig(hidden_size=16, num_layers=2, num_heads=2, intermediate_size=24, image_size=(16, 16), patch_size=(8, 8),
+              num_labels=3, register_tokens=2, prefix_positions=False, layer_scale=1e-5, pre_norm=True,
+              source_format="timm"),
+    ViTConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=24, image_size=(16, 16), patch_size=(8, 8),
+              num_labels=3, class_token=False, pooling="avg", final_norm="none", source_format="timm"),
 ], ids=lambda c: f"{type(c).__name__}-{getattr(c, 'model_type', '')}")
 def test_param_formula_matches_built_models(config):
     model = (zoo.GemmaCausalLM if isinstance(config, GemmaConfig) else zoo.ViTImageClassifier)(config)
