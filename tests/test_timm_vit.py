@@ -127,3 +127,11 @@ def test_bad_timm_variant_arguments(model_args, message):
            "pretrained_cfg": {"input_size": [3, 518, 518]}}
     with pytest.raises(ConfigError, match=message):
         ViTConfig.from_timm(raw)
+
+
+def test_timm_layout_refuses_an_activation_timm_cannot_name():
+    config = ViTConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, image_size=(16, 16),
+                       patch_size=(8, 8), num_labels=3, hidden_act="gelu_new", layer_norm_eps=1e-6,
+                       source_format="timm")
+    with pytest.raises(ConfigError, match="hidden_act 'gelu_new' has no timm equivalent"):
+        config.to_timm()
