@@ -24,9 +24,12 @@ OUTPUT = Path(__file__).resolve().parents[1] / "zoo" / "models" / "vit" / "timm_
 # Arguments our ViT honours, and the values of the others it can take (their defaults in timm).
 SUPPORTED = {"img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias", "global_pool",
              "class_token", "no_embed_class", "reg_tokens", "pre_norm", "final_norm", "fc_norm", "init_values",
-             "act_layer", "norm_eps", "dynamic_img_size"}
-ACTIVATIONS = {"gelu", "quick_gelu", "gelu_tanh"}
-POOLS = {"token", "avg"}
+             "act_layer", "norm_eps", "dynamic_img_size", "mlp_layer"}
+ACTIVATIONS = {"gelu", "quick_gelu", "gelu_tanh", "silu"}
+POOLS = {"token", "avg", "map"}
+# Classes timm passes where the table needs a name: layers by timm's own name, activations by the
+# name timm's get_act_layer gives them.
+CLASSES = {"mlp_layer": {"SwiGLUPacked": "SwiGLUPacked"}, "act_layer": {"nn.SiLU": "silu"}}
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
 
 
@@ -45,6 +48,8 @@ def _argument(name: str, node: ast.AST):
                 and [k.arg for k in node.keywords] == ["eps"]):
             return "norm_eps", float(_number(node.keywords[0].value))
         return name, None
+    if name in CLASSES and isinstance(node, (ast.Name, ast.Attribute)):
+        return name, CLASSES[name].get(ast.unparse(node))
     try:
         return name, _number(node)
     except (ValueError, TypeError, SyntaxError):

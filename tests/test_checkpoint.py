@@ -447,9 +447,9 @@ def test_unknown_timm_architecture(folder):
 
 
 @pytest.mark.parametrize("architecture,message", [
-    ("vit_base_patch16_siglip_224", r"timm architecture 'vit_base_patch16_siglip_224' is not supported by "
-                                    r"keras-zoo's ViT: it has global_pool='map'"),
-    ("vit_giant_patch14_dinov2", r"it has mlp_layer=SwiGLUPacked"),
+    ("vit_base_patch16_xp_224", r"timm architecture 'vit_base_patch16_xp_224' is not supported by "
+                                r"keras-zoo's ViT: it has norm_layer=RmsNorm, block_fn=ParallelScalingBlock"),
+    ("vit_dwee_patch16_reg1_gap_256", r"it has attn_layer='diff'"),
     ("vit_base_patch16_rope_224", r"unsupported timm architecture 'vit_base_patch16_rope_224'.*timm 1\.0\.\d+'s table"),
 ])
 def test_unsupported_timm_variant(folder, architecture, message):

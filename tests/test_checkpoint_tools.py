@@ -117,6 +117,14 @@ def vit_xp(pretrained: bool = False, **kwargs):
     model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, qk_norm=True)
     return _create_vision_transformer('vit_xp', pretrained=pretrained, **dict(model_args, **kwargs))
 
+def vit_unpacked_swiglu(pretrained: bool = False, **kwargs):
+    model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_layer=SwiGLU, act_layer=nn.SiLU)
+    return _create_vision_transformer('vit_unpacked_swiglu', pretrained=pretrained, **dict(model_args, **kwargs))
+
+def vit_mish(pretrained: bool = False, **kwargs):
+    model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, act_layer=nn.Mish)
+    return _create_vision_transformer('vit_mish', pretrained=pretrained, **dict(model_args, **kwargs))
+
 def _helper():
     model_args = dict(depth=1)
 """
@@ -138,9 +146,15 @@ def test_timm_table_reads_timm_source(tmp_path):
                                       "pre_norm": True, "norm_eps": 1e-5},
         "vit_gigantic_patch14_224": {"patch_size": 14, "embed_dim": 1664, "mlp_ratio": 64 / 13, "depth": 48,
                                      "num_heads": 16},
+        "vit_base_patch16_siglip_224": {"patch_size": 16, "embed_dim": 768, "depth": 12, "num_heads": 12,
+                                        "class_token": False, "global_pool": "map"},
+        # timm passes classes here; the table names them as timm does (get_act_layer's name for nn.SiLU).
+        "vit_giant_patch14_dinov2": {"patch_size": 14, "embed_dim": 1536, "depth": 40, "num_heads": 24,
+                                     "init_values": 1e-5, "mlp_ratio": 2.66667 * 2, "mlp_layer": "SwiGLUPacked",
+                                     "act_layer": "silu"},
     }
     assert table["REFUSED"] == {
-        "vit_base_patch16_siglip_224": "global_pool='map'",
-        "vit_giant_patch14_dinov2": "mlp_layer=SwiGLUPacked, act_layer=nn.SiLU",
         "vit_xp": "qk_norm=True",
+        "vit_unpacked_swiglu": "mlp_layer=SwiGLU",
+        "vit_mish": "act_layer=nn.Mish",
     }

@@ -78,6 +78,12 @@ def test_param_count_from_architecture(card):
               source_format="timm"),
     ViTConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=24, image_size=(16, 16), patch_size=(8, 8),
               num_labels=3, class_token=False, pooling="avg", final_norm="none", source_format="timm"),
+    ViTConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=24, image_size=(16, 16), patch_size=(8, 8),
+              num_labels=3, class_token=False, register_tokens=1, pooling="map", qkv_bias=False, source_format="timm"),
+    ViTConfig(hidden_size=16, num_layers=2, num_heads=2, intermediate_size=20, image_size=(16, 16), patch_size=(8, 8),
+              num_labels=0, gated_mlp=True, hidden_act="silu", layer_scale=1e-5, source_format="timm"),
+    ViTConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=12, image_size=(16, 16), patch_size=(8, 8),
+              num_labels=3, class_token=False, pooling="map", gated_mlp=True, hidden_act="silu", source_format="timm"),
 ], ids=lambda c: f"{type(c).__name__}-{getattr(c, 'model_type', '')}")
 def test_param_formula_matches_built_models(config):
     model = (zoo.GemmaCausalLM if isinstance(config, GemmaConfig) else zoo.ViTImageClassifier)(config)

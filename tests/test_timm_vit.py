@@ -1,4 +1,5 @@
-"""timm's ViT variants (DINOv2, registers, CLIP, average pooling without a class token) — on the current backend."""
+"""timm's ViT variants (DINOv2, registers, SwiGLU, CLIP, average and attention pooling without a class token) —
+on the current backend."""
 
 import json
 
@@ -87,6 +88,9 @@ TIMM_COUNTS = [
     ("vit_medium_patch16_gap_256", 1000, 256, 38861288),
     ("vit_betwixt_patch16_reg4_gap_256", 1000, 256, 60398440),
     ("vit_base_patch16_224_miil", 11221, 224, 94399957),
+    ("vit_so400m_patch14_siglip_384", 0, 384, 428225600),
+    ("vit_so150m_patch16_reg4_map_256", 1000, 256, 141481064),
+    ("vit_giant_patch14_dinov2", 0, 518, 1136479232),
 ]
 
 
@@ -118,7 +122,8 @@ def test_timm_config_round_trips_changed_arguments():
     ({"init_values": "small"}, r"model_args: field 'init_values' should be a finite number"),
     ({"act_layer": "mish"}, r"model_args.act_layer='mish' is not supported"),
     ({"class_token": False, "global_pool": "token"}, r"global_pool 'token' needs the class token"),
-    ({"global_pool": "map"}, r"global_pool: expected 'token' or 'avg', got 'map'"),
+    ({"global_pool": "avgmax"}, r"global_pool: expected one of \('token', 'avg', 'map'\), got 'avgmax'"),
+    ({"mlp_layer": "SwiGLUPacked"}, r"model_args.mlp_layer='SwiGLUPacked' is not supported \(expected None\)"),
     ({"norm_eps": 1e-5}, r"model_args \['norm_eps'\] are not supported"),
     ({"qk_norm": True}, r"model_args.qk_norm=True is not supported"),
 ])
@@ -135,3 +140,28 @@ def test_timm_layout_refuses_an_activation_timm_cannot_name():
                        source_format="timm")
     with pytest.raises(ConfigError, match="hidden_act 'gelu_new' has no timm equivalent"):
         config.to_timm()
+
+
+def test_gated_mlp_needs_an_even_fc1():
+    raw = {"architecture": "vit_giant_patch14_dinov2", "num_classes": 0,
+           "model_args": {"embed_dim": 24, "mlp_ratio": 5.4}, "pretrained_cfg": {"input_size": [3, 518, 518]}}
+    with pytest.raises(ConfigError, match=r"a gated MLP packs gate and up in fc1, whose 129 outputs"):
+        ViTConfig.from_timm(raw)
+
+
+def test_timm_layout_refuses_a_gated_mlp_its_architecture_lacks():
+    config = ViTConfig.from_timm({"architecture": "vit_small_patch14_dinov2", "num_classes": 0,
+                                  "pretrained_cfg": {"input_size": [3, 518, 518]}})
+    with pytest.raises(ConfigError, match=r"gated_mlp True differs from timm's False for 'vit_small_patch14_dinov2'"):
+        config.replace(gated_mlp=True).to_timm()
+
+
+def test_timm_mlp_ratio_written_so_timm_builds_the_same_width():
+    """timm builds fc1 with int(embed_dim * mlp_ratio) outputs; 6041 / 1408 * 1408 is 6040.99..."""
+    named = ViTConfig.from_timm({"architecture": "vit_giant_patch14_224", "num_classes": 10,
+                                 "pretrained_cfg": {"input_size": [3, 224, 224]}})
+    assert named.intermediate_size == 6144 and "model_args" not in named.to_timm()
+    for width in (6041, 6008, 6145):
+        saved = named.replace(intermediate_size=width).to_timm()
+        assert int(1408 * saved["model_args"]["mlp_ratio"]) == width
+        assert ViTConfig.from_timm(saved).intermediate_size == width

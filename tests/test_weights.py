@@ -212,7 +212,7 @@ def test_lean_layers_keep_their_signatures_and_keras_configs():
     import inspect
 
     from zoo.layers.tracking import LeanAttributes
-    from zoo.models.vit.model import ViTLayer
+    from zoo.models.vit.layers import ViTLayer
 
     class Scale(LeanAttributes, keras.layers.Layer):  # no get_config: Keras makes it from the arguments
         def __init__(self, units: int, scale: float = 1.0, use_bias: bool = True, **kwargs):
@@ -242,7 +242,7 @@ def test_layers_with_lean_attributes_keep_what_keras_and_tensorflow_track(tmp_pa
     # `LeanAttributes` stores plain values directly on TensorFlow; everything a tracker wants still
     # reaches it: a layer put where a plain value was, property setters, the backend's checkpoints.
     from zoo.models.vit.config import ViTConfig
-    from zoo.models.vit.model import ViTLayer
+    from zoo.models.vit.layers import ViTLayer
 
     config = ViTConfig(hidden_size=8, num_layers=1, num_heads=2, intermediate_size=16, image_size=(8, 8),
                        patch_size=(4, 4), num_labels=3)

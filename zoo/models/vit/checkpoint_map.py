@@ -43,8 +43,6 @@ _TIMM_BACKBONE = [
     Row("blocks.{i}.attn.proj.bias", "layers_{i}/o_proj/bias"),
     Row("blocks.{i}.norm2.weight", "layers_{i}/layernorm_after_gamma"),
     Row("blocks.{i}.norm2.bias", "layers_{i}/layernorm_after_beta"),
-    Row("blocks.{i}.mlp.fc1.weight", "layers_{i}/fc1/kernel"),
-    Row("blocks.{i}.mlp.fc1.bias", "layers_{i}/fc1/bias"),
     Row("blocks.{i}.mlp.fc2.weight", "layers_{i}/fc2/kernel"),
     Row("blocks.{i}.mlp.fc2.bias", "layers_{i}/fc2/bias"),
 ]
@@ -55,6 +53,26 @@ _TIMM_PATCH_BIAS = [Row("patch_embed.proj.bias", "embeddings/patch_embeddings/bi
 _TIMM_PRE_NORM = [Row("norm_pre.weight", "pre_layernorm/gamma"), Row("norm_pre.bias", "pre_layernorm/beta")]
 _TIMM_LAYER_SCALE = [Row("blocks.{i}.ls1.gamma", "layers_{i}/layerscale_1"),
                      Row("blocks.{i}.ls2.gamma", "layers_{i}/layerscale_2")]
+_TIMM_MLP = [Row("blocks.{i}.mlp.fc1.weight", "layers_{i}/fc1/kernel"),
+             Row("blocks.{i}.mlp.fc1.bias", "layers_{i}/fc1/bias")]
+# SwiGLUPacked: fc1's rows are the gate's, then the up projection's.
+_TIMM_GATED_MLP = [Row("blocks.{i}.mlp.fc1.weight", ("layers_{i}/gate_proj/kernel", "layers_{i}/up_proj/kernel")),
+                   Row("blocks.{i}.mlp.fc1.bias", ("layers_{i}/gate_proj/bias", "layers_{i}/up_proj/bias"))]
+_TIMM_ATTENTION_POOL = [
+    Row("attn_pool.latent", "attn_pool/latent"),
+    Row("attn_pool.q.weight", "attn_pool/q_proj/kernel", "rows_to_heads"),
+    Row("attn_pool.q.bias", "attn_pool/q_proj/bias", "heads_bias"),
+    Row("attn_pool.kv.weight", ("attn_pool/k_proj/kernel", "attn_pool/v_proj/kernel"), "rows_to_heads"),
+    Row("attn_pool.kv.bias", ("attn_pool/k_proj/bias", "attn_pool/v_proj/bias"), "heads_bias"),
+    Row("attn_pool.proj.weight", "attn_pool/o_proj/kernel", "cols_to_heads"),
+    Row("attn_pool.proj.bias", "attn_pool/o_proj/bias"),
+    Row("attn_pool.norm.weight", "attn_pool/norm_gamma"),
+    Row("attn_pool.norm.bias", "attn_pool/norm_beta"),
+    Row("attn_pool.mlp.fc1.weight", "attn_pool/fc1/kernel"),
+    Row("attn_pool.mlp.fc1.bias", "attn_pool/fc1/bias"),
+    Row("attn_pool.mlp.fc2.weight", "attn_pool/fc2/kernel"),
+    Row("attn_pool.mlp.fc2.bias", "attn_pool/fc2/bias"),
+]
 _TIMM_FINAL_NORM = {"tokens": "norm", "pooled": "fc_norm", "none": None}
 _TIMM_HEAD = [Row("head.weight", "classifier/kernel"), Row("head.bias", "classifier/bias")]
 
@@ -83,7 +101,9 @@ def rows(config: ViTConfig, layout: str, target_prefix: str = "", head: bool = F
         backbone = list(_TIMM_BACKBONE)
         for wanted, extra in ((config.class_token, _TIMM_CLASS_TOKEN), (config.register_tokens, _TIMM_REGISTERS),
                               (not config.pre_norm, _TIMM_PATCH_BIAS), (config.pre_norm, _TIMM_PRE_NORM),
-                              (config.layer_scale is not None, _TIMM_LAYER_SCALE)):
+                              (config.layer_scale is not None, _TIMM_LAYER_SCALE),
+                              (not config.gated_mlp, _TIMM_MLP), (config.gated_mlp, _TIMM_GATED_MLP),
+                              (config.pooling == "map", _TIMM_ATTENTION_POOL)):
             backbone += extra if wanted else []
         final_norm = _TIMM_FINAL_NORM[config.final_norm]
         if final_norm:

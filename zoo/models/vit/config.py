@@ -1,6 +1,7 @@
 """ViTConfig: the architecture, read from and written back to Hugging Face or timm `config.json`."""
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,8 +21,9 @@ TIMM_SIZES = {
     "huge": (1280, 32, 16),
 }
 TIMM_ARCHITECTURE = re.compile(r"^vit_(?P<size>[a-z]+)_patch(?P<patch>\d+)_(?P<res>\d+)$")
-# timm model arguments we honour (and timm's table adds norm_eps, its partial(LayerNorm, eps=...)
-# which a config.json cannot spell); those we accept at their default value only; the activations we build.
+# timm model arguments we honour (and timm's table adds norm_eps, its partial(LayerNorm, eps=...), and
+# mlp_layer, a class: neither can a config.json spell); those we accept at their default value only; the
+# activations we build; the MLP classes we build (timm's Mlp and its fc1-packed SwiGLU); the poolings we build.
 TIMM_ARGS = {
     "img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias", "global_pool", "in_chans",
     "num_classes", "class_token", "reg_tokens", "no_embed_class", "pre_norm", "init_values", "fc_norm", "final_norm",
@@ -32,7 +34,9 @@ TIMM_UNSUPPORTED = {
     "pos_embed": "learn", "class_token_pos": None, "proj_bias": True, "scale_attn_norm": False,
     "scale_mlp_norm": False, "pool_include_prefix": False, "dynamic_img_pad": False, "embed_norm_layer": None,
 }
-TIMM_ACTIVATIONS = ("gelu", "quick_gelu", "gelu_tanh")
+TIMM_ACTIVATIONS = ("gelu", "quick_gelu", "gelu_tanh", "silu")
+TIMM_MLPS = {None: False, "SwiGLUPacked": True}  # timm's mlp_layer -> gated_mlp
+POOLINGS = ("token", "avg", "map")  # the [CLS] token, the patches' mean, timm's attention pooling
 FINAL_NORMS = ("tokens", "pooled", "none")  # normalise every token, the pooled vector (timm's fc_norm), or neither
 # Fields of a HF ViT config.json that do not change inference maths, written back unchanged.
 HF_PASSTHROUGH = ("initializer_range", "encoder_stride", "pooler_output_size", "pooler_act")
@@ -61,7 +65,7 @@ class ViTConfig:
     qkv_bias: bool = True
     num_labels: int = 1000
     id2label: tuple[str, ...] = ()
-    pooling: str = "token"  # "token" (the [CLS] token) or "avg" (timm's mean over the patch tokens)
+    pooling: str = "token"  # one of POOLINGS; "map": a learned query attends over the patch tokens [global_pool]
     # timm's variants (its VisionTransformer arguments in brackets); a Hugging Face ViT has the defaults.
     class_token: bool = True  # a [CLS] token in front [class_token]
     register_tokens: int = 0  # learned tokens after it, dropped by pooling [reg_tokens]
@@ -69,6 +73,7 @@ class ViTConfig:
     layer_scale: float | None = None  # per-channel scales on each residual branch, initial value [init_values]
     pre_norm: bool = False  # a LayerNorm on the embeddings before the blocks; no patch bias then [pre_norm]
     final_norm: str | None = None  # "tokens", "pooled" or "none"; None: "pooled" for avg pooling [fc_norm, final_norm]
+    gated_mlp: bool = False  # fc2(act(gate_proj(x)) * up_proj(x)), gate and up packed in timm's fc1 [mlp_layer]
     dtype: str = "float32"  # the checkpoint's own dtype
     source_format: str = "hf"  # "hf" or "timm": the config.json layout to write back
     extras: dict[str, Any] = field(default_factory=dict, compare=False)  # fields written back unchanged
@@ -88,8 +93,8 @@ class ViTConfig:
             raise ConfigError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_heads}")
         if any(i < p for i, p in zip(self.image_size, self.patch_size)):
             raise ConfigError(f"image_size {self.image_size} is smaller than patch_size {self.patch_size}")
-        if self.pooling not in ("token", "avg"):
-            raise ConfigError(f"global_pool: expected 'token' or 'avg', got {self.pooling!r}")
+        if self.pooling not in POOLINGS:
+            raise ConfigError(f"global_pool: expected one of {POOLINGS}, got {self.pooling!r}")
         if self.final_norm is None:  # frozen: set the derived default as dataclasses.replace would see it
             object.__setattr__(self, "final_norm", "pooled" if self.pooling == "avg" else "tokens")
         if self.final_norm not in FINAL_NORMS:
@@ -97,6 +102,7 @@ class ViTConfig:
         fields.flag("class_token")
         fields.flag("prefix_positions")
         fields.flag("pre_norm")
+        fields.flag("gated_mlp")
         fields.integer("register_tokens", minimum=0)
         fields.number("layer_scale", None)
         if self.pooling == "token" and not self.class_token:
@@ -130,7 +136,23 @@ class ViTConfig:
     def is_plain(self) -> bool:
         """Whether this is the original ViT, as a Hugging Face ViT config.json can describe it."""
         return (self.class_token and not self.register_tokens and self.prefix_positions and self.layer_scale is None
-                and not self.pre_norm and self.pooling == "token" and self.final_norm == "tokens")
+                and not self.pre_norm and self.pooling == "token" and self.final_norm == "tokens"
+                and not self.gated_mlp)
+
+    @property
+    def fc1_size(self) -> int:
+        """Outputs of timm's fc1: the MLP's hidden width, twice it if gated (gate and up packed together)."""
+        return self.intermediate_size * (2 if self.gated_mlp else 1)
+
+    @property
+    def mlp_ratio(self) -> float:
+        """timm's mlp_ratio, from which timm sizes fc1 as int(embed_dim * mlp_ratio).
+
+        fc1_size / hidden_size, one ulp up where that product would truncate to one less
+        (1408 x (6041 / 1408) is 6040.99...).
+        """
+        ratio = self.fc1_size / self.hidden_size
+        return ratio if int(self.hidden_size * ratio) == self.fc1_size else math.nextafter(ratio, math.inf)
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -143,11 +165,15 @@ class ViTConfig:
         bias = d if self.qkv_bias else 0
         patch_bias = 0 if self.pre_norm else d
         embeddings = c * ph * pw * d + patch_bias + self.num_prefix_tokens * d + self.num_positions * d
-        layer = 2 * 2 * d + 3 * (d * d + bias) + d * d + d + d * i + i + i * d + d
+        fc1 = self.fc1_size
+        layer = 2 * 2 * d + 3 * (d * d + bias) + d * d + d + d * fc1 + fc1 + i * d + d
         layer += 2 * d if self.layer_scale is not None else 0
         norms = 2 * d * (int(self.pre_norm) + int(self.final_norm != "none"))
+        pool = 0
+        if self.pooling == "map":  # query, q/kv/out projections (always with biases), norm, a plain MLP of fc1's width
+            pool = d + 4 * (d * d + d) + 2 * d + d * fc1 + fc1 + fc1 * d + d
         head = d * self.num_labels + self.num_labels if with_head else 0
-        return embeddings + self.num_layers * layer + norms + head
+        return embeddings + self.num_layers * layer + norms + pool + head
 
     def replace(self, **changes) -> "ViTConfig":
         return dataclasses.replace(self, **changes)
@@ -241,11 +267,18 @@ class ViTConfig:
         after_pool = pooling == "avg" if fc_norm is None else fc_norm  # timm's use_fc_norm
         final_norm = ("pooled" if after_pool else "tokens") if model.flag("final_norm", True) else "none"
         init_values = model.number("init_values", None)
+        mlp_layer = model.raw.get("mlp_layer")
+        if mlp_layer not in TIMM_MLPS:
+            raise ConfigError(f"{where}: mlp_layer {mlp_layer!r} is not supported (expected one of {list(TIMM_MLPS)})")
+        gated, fc1 = TIMM_MLPS[mlp_layer], int(width * model.number("mlp_ratio", 4.0, minimum=0.0))  # as timm's Mlp
+        if gated and fc1 % 2:
+            raise ConfigError(f"{where}: a gated MLP packs gate and up in fc1, whose {fc1} outputs "
+                              f"(embed_dim x mlp_ratio) do not split in two")
         return cls(
             hidden_size=width,
             num_layers=model.integer("depth", minimum=0),
             num_heads=model.integer("num_heads"),
-            intermediate_size=int(width * model.number("mlp_ratio", 4.0, minimum=0.0)),  # as timm's Mlp
+            intermediate_size=fc1 // 2 if gated else fc1,
             hidden_act=act,
             layer_norm_eps=float(model.number("norm_eps", 1e-6, positive=True)),
             image_size=model.pair("img_size", tuple(input_size[1:])),
@@ -261,6 +294,7 @@ class ViTConfig:
             layer_scale=None if init_values is None else float(init_values),
             pre_norm=model.flag("pre_norm", False),
             final_norm=final_norm,
+            gated_mlp=gated,
             dtype="float32",
             source_format="timm",
             extras={"architecture": arch, "pretrained_cfg": pretrained.raw, "model_args": args,
@@ -272,7 +306,7 @@ class ViTConfig:
         return {
             "patch_size": self.patch_size[0] if self.patch_size[0] == self.patch_size[1] else list(self.patch_size),
             "embed_dim": self.hidden_size, "depth": self.num_layers, "num_heads": self.num_heads,
-            "mlp_ratio": self.intermediate_size / self.hidden_size, "qkv_bias": self.qkv_bias,
+            "mlp_ratio": self.mlp_ratio, "qkv_bias": self.qkv_bias,
             "class_token": self.class_token, "reg_tokens": self.register_tokens,
             "no_embed_class": not self.prefix_positions, "pre_norm": self.pre_norm, "init_values": self.layer_scale,
             "final_norm": self.final_norm != "none", "fc_norm": self.final_norm == "pooled",
@@ -298,6 +332,9 @@ class ViTConfig:
         if own.pop("norm_eps") != base.pop("norm_eps"):
             raise ConfigError(f"layer_norm_eps {self.layer_norm_eps} differs from timm's {named.layer_norm_eps} for "
                               f"{arch!r}, and timm's config.json has no field for it")
+        if self.gated_mlp != named.gated_mlp:
+            raise ConfigError(f"gated_mlp {self.gated_mlp} differs from timm's {named.gated_mlp} for {arch!r}, and "
+                              "timm's config.json has no field for it (mlp_layer is a class)")
         args.update({key: value for key, value in own.items() if key in args or value != base[key]})
         # Fields newer timm exports repeat in model_args (timm builds from these): this model's values.
         current = {"img_size": list(self.image_size), "num_classes": self.num_labels, "in_chans": self.num_channels}
