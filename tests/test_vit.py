@@ -256,3 +256,39 @@ def test_backends_agree(hf_folders, tmp_path):
         subprocess.run([sys.executable, str(worker), "vit", str(folder), str(tmp_path / "x.npy"), str(out)],
                        env=env, check=True, timeout=300, capture_output=True)
         np.testing.assert_allclose(np.load(out), here, atol=TOL, rtol=0, err_msg=f"{other} vs {keras.backend.backend()}")
+
+
+def test_export_takes_any_batch_size(tmp_path):
+    """`export` needs no input_signature (the model knows its inputs), and each backend's exporter
+    traces the model for a batch of any size: TensorFlow's SavedModel (reloaded and served here),
+    jax.export with a symbolic batch (a static-shape branch in the projections once failed it),
+    torch.export with a dynamic batch."""
+    clf = zoo.ViTImageClassifier.from_preset("vit_tiny_digits")
+    h, w = clf.backbone.image_size
+    batches = [np.random.default_rng(n).standard_normal((n, h, w, clf.config.num_channels)).astype("float32")
+               for n in (1, 3)]
+    name = keras.backend.backend()
+    if name == "tensorflow":
+        import tensorflow as tf
+
+        clf.export(tmp_path / "saved", verbose=False)
+        loaded = tf.saved_model.load(str(tmp_path / "saved"))  # kept: its variables live as long as it does
+        run = loaded.serve
+    elif name == "jax":
+        import jax
+
+        # Keras' export on JAX (jax2tf) uses the default signature too; TensorFlow 2.21 cannot read back
+        # what jax 0.10's lax.erf lowers to (vhlo.composite_v2), so the reload is checked with jax.export.
+        clf.export(tmp_path / "saved", verbose=False)
+        assert (tmp_path / "saved" / "saved_model.pb").is_file()
+        weights = ([v.value for v in clf.trainable_variables], [v.value for v in clf.non_trainable_variables])
+        spec = jax.ShapeDtypeStruct(jax.export.symbolic_shape(f"b, {h}, {w}, {clf.config.num_channels}"), "float32")
+        exported = jax.export.export(jax.jit(lambda x: clf.stateless_call(*weights, x)[0]))(spec)
+        run = jax.export.deserialize(exported.serialize()).call
+    else:
+        exported = torch.export.export(clf, (torch.from_numpy(batches[1]),),  # Keras' forward(*args)
+                                       dynamic_shapes={"args": ({0: torch.export.Dim("batch", min=1)},)}, strict=False)
+        run = exported.module()
+    for x in batches:
+        got = run(torch.from_numpy(x) if name == "torch" else x)
+        np.testing.assert_allclose(to_numpy(got), to_numpy(clf.predict_on_batch(x)), atol=1e-5, rtol=0)

@@ -83,10 +83,11 @@ def matmul_out_in(x, weight):
     than as `x @ weight.T`, which it turns into a loop fusion: a Gemma decode step at batch 1
     (benchmarks/generate.py shape, LM head included) is ~23% faster on JAX and ~12% on
     TensorFlow; PyTorch gains nothing and keeps the product transformers uses. At batch 8 the
-    plain product is ~9% faster on JAX. The row count is static when compiled.
+    plain product is ~9% faster on JAX. The row count is static when compiled; a symbolic one
+    (exporting with a batch of any size) takes the plain product.
     """
     rows = x.shape[0]
-    if backend.XLA and rows is not None and rows <= SMALL_ROWS:
+    if backend.XLA and isinstance(rows, int) and rows <= SMALL_ROWS:
         return ops.transpose(ops.matmul(weight, ops.transpose(x)))
     return ops.matmul(x, ops.transpose(weight))
 

@@ -134,6 +134,16 @@ class PresetModel(LeanAttributes, keras.Model):
             force = True
         return super().make_predict_function(force=force)
 
+    def export(self, filepath, format="tf_saved_model", verbose=None, input_signature=None, **kwargs):
+        """Keras' `export`, with this model's own input signature when none is given.
+
+        Keras infers a subclassed model's signature from its first call; these models know their
+        inputs from the config and may not have been called yet (`_export_signature`).
+        """
+        if input_signature is None:
+            input_signature = self._export_signature()
+        return super().export(filepath, format=format, verbose=verbose, input_signature=input_signature, **kwargs)
+
     @classmethod
     def from_preset(cls, preset: str | os.PathLike, *, dtype: str | None = None, **kwargs) -> "PresetModel":
         """Builds the model described by a preset and loads its weights.
@@ -201,6 +211,10 @@ class PresetModel(LeanAttributes, keras.Model):
     def _export_config(self):
         """The config that describes what `save_preset` writes."""
         return self.config
+
+    def _export_signature(self) -> list | None:
+        """The inputs `export` traces by default (None: Keras infers them from the first call)."""
+        return None
 
     def _fresh_weights(self) -> set[str]:
         """Weight paths the checkpoint does not fill on purpose (a new head); `_after_load` initialises them."""

@@ -92,6 +92,9 @@ class ViTBackbone(PresetModel):
     def key_map(self, config: ViTConfig) -> list:
         return checkpoint_map.rows(config, config.source_format)
 
+    def _export_signature(self) -> list:
+        return [keras.InputSpec(shape=(None, *self.image_size, self.config.num_channels), dtype=self.input_dtype)]
+
     def _export_config(self) -> ViTConfig:
         """A backbone saves as the encoder alone: HF `ViTModel`, or timm with `num_classes` 0."""
         if self.config.source_format == "timm":
@@ -160,6 +163,9 @@ class ViTImageClassifier(PresetModel):
 
     def key_map(self, config: ViTConfig) -> list:
         return checkpoint_map.rows(config, config.source_format, "backbone/", head=not self.fresh_head)
+
+    def _export_signature(self) -> list:
+        return self.backbone._export_signature()
 
     @classmethod
     def _from_folder(cls, config, folder: Path, dtype: str, num_labels: int | None = None, labels=None, **kwargs):
