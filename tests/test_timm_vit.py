@@ -94,6 +94,31 @@ TIMM_COUNTS = [
 ]
 
 
+def test_every_architecture_of_timms_table_reads():
+    """Each architecture the table lists (those the README counts as loading) is accepted by ViTConfig,
+    as a Hub config.json names it, and saves back with no model_args: the table generator's idea of
+    what our ViT builds and the config reader's agree."""
+    from zoo.models.vit import timm_architectures
+
+    assert len(timm_architectures.ARCHITECTURES) == 128
+    for architecture, args in timm_architectures.ARCHITECTURES.items():
+        size = args.get("img_size", 224)
+        config = ViTConfig.from_timm({"architecture": architecture, "num_classes": 0,
+                                      "pretrained_cfg": {"input_size": [3, size, size]}})
+        assert config.num_params(with_head=False) > 0
+        assert "model_args" not in config.to_timm(), architecture
+
+
+def test_a_timm_mlp_layer_we_do_not_build_is_refused(monkeypatch):
+    from zoo.models.vit import timm_architectures
+
+    table = {**timm_architectures.ARCHITECTURES,
+             "vit_new": {"patch_size": 16, "embed_dim": 64, "depth": 2, "num_heads": 2, "mlp_layer": "SwiGLU"}}
+    monkeypatch.setattr(timm_architectures, "ARCHITECTURES", table)
+    with pytest.raises(ConfigError, match=r"mlp_layer 'SwiGLU' is not supported \(expected one of \[None, 'SwiGLUPacked'\]\)"):
+        ViTConfig.from_timm({"architecture": "vit_new", "num_classes": 0, "pretrained_cfg": {"input_size": [3, 32, 32]}})
+
+
 @pytest.mark.parametrize("architecture,classes,size,count", TIMM_COUNTS, ids=[c[0] for c in TIMM_COUNTS])
 def test_hub_configs_of_named_timm_architectures(architecture, classes, size, count):
     raw = {"architecture": architecture, "num_classes": classes, "pretrained_cfg": {"input_size": [3, size, size]}}

@@ -2,9 +2,10 @@
 
 timm itself needs torchvision, which has no build for the CPU PyTorch installed here, so each
 variant is a tiny transformers model (DINOv2, with registers or a SwiGLU MLP, CLIP's and SigLIP's
-vision towers, SigLIP's with its attention-pool head) whose weights are written under timm's tensor names with a timm config.json, as the
-Hub's timm/* repos hold them. Each builder returns the folder and the reference output on the
-given images: the hidden states of a backbone (num_classes 0), or a classifier's logits.
+vision towers, SigLIP's with its attention-pool head) whose weights are written under timm's tensor
+names with a timm config.json, as the Hub's timm/* repos hold them. Each builder returns the folder
+and the reference output on the given images: the hidden states of a backbone (num_classes 0), or a
+classifier's logits.
 """
 
 import json
@@ -40,11 +41,9 @@ def _blocks(state: dict, layer: str, names: dict) -> dict:
             if parts[0] is not None:
                 out[dst + f"attn.qkv.{kind}"] = np.concatenate([_np(p) for p in parts])
             for timm_name in ("attn.proj", "norm1", "norm2", "mlp.fc1", "mlp.fc2"):
-                if isinstance(names[timm_name], tuple):  # SwiGLUPacked: fc1 holds the gate's rows, then up's
-                    parts = [_np(state[src + part + "." + kind]) for part in names[timm_name]]
-                    out[dst + f"{timm_name}.{kind}"] = np.concatenate(parts)
-                else:
-                    out[dst + f"{timm_name}.{kind}"] = _np(state[src + names[timm_name] + "." + kind])
+                # A tuple of parts is packed along the rows (SwiGLUPacked's fc1: the gate's, then up's).
+                parts = names[timm_name] if isinstance(names[timm_name], tuple) else (names[timm_name],)
+                out[dst + f"{timm_name}.{kind}"] = np.concatenate([_np(state[src + p + "." + kind]) for p in parts])
         if "ls1" in names:
             out[dst + "ls1.gamma"] = _np(state[src + names["ls1"]])
             out[dst + "ls2.gamma"] = _np(state[src + names["ls2"]])

@@ -282,7 +282,7 @@ class ViTConfig:
             hidden_act=act,
             layer_norm_eps=float(model.number("norm_eps", 1e-6, positive=True)),
             image_size=model.pair("img_size", tuple(input_size[1:])),
-            patch_size=model.pair("patch_size"),
+            patch_size=model.pair("patch_size", 16),  # timm's default, which two TinyCLIP names rely on
             num_channels=model.integer("in_chans", input_size[0]),
             qkv_bias=model.flag("qkv_bias", True),
             num_labels=get.integer("num_classes", pretrained.integer("num_classes", 1000, minimum=0), minimum=0),
