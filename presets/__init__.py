@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
+from zoo import registry
 from zoo.errors import ConfigError, PresetNotFoundError
+from zoo.files import read_json
 
 
 @dataclass(frozen=True)
@@ -36,10 +38,7 @@ class PresetCard:
 
     def model_config(self):
         """The architecture config this card describes (from `config`, or the bundled folder's config.json)."""
-        from zoo.models import registry
-        from zoo.models.base import CONFIG_FILE, read_config
-
-        raw = self.config or (read_config(self.folder) if self.folder else None)
+        raw = self.config or (read_json(self.folder / "config.json") if self.folder else None)
         if not raw:
             raise ConfigError(f"preset {self.name!r}: the card has no [config] and no bundled folder")
         return registry.detect(raw, f"preset card {self.name}.toml [config]").read_config(raw)

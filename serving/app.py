@@ -11,12 +11,9 @@ Example:
 """
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import dataclasses
 import hmac
-import io
 import json
 import logging
 import threading
@@ -29,10 +26,12 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from zoo import hub
 from zoo.errors import ConfigError, GenerationError, ImageError, ZooError
-from zoo.generation import Sampler
 from zoo.models.fields import Fields
 from zoo.serving.metrics import CONTENT_TYPE_LATEST, Metrics
+from zoo.serving.protocol import (CHAT_FIELDS, COMPLETION_FIELDS, APIError, base64_images, completion_prompt,
+                                  decode_image, field, sampling, usage)
 from zoo.serving.scheduler import ClassificationScheduler, GenerationScheduler, QueueFull
 
 log = logging.getLogger("zoo.serving")
@@ -63,106 +62,13 @@ class ServerConfig:
         fields.number("request_timeout_s", minimum=0.0)
 
 
-class APIError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-        self.headers = headers or {}
-
-    def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status, headers=self.headers)
-
-
 def load_models(presets: list[str]) -> dict[str, object]:
     """Loads each preset (name, handle or folder) with its default task class, keyed by the name clients use."""
     import zoo
 
     if not presets:
         presets = [card.name for card in zoo.list_presets() if card.bundled]
-    models = {}
-    for preset in presets:
-        name = str(preset).rstrip("/").split("/")[-1].split("@")[0] if ("/" in str(preset)) else str(preset)
-        models[name] = zoo.from_preset(preset)
-    return models
-
-
-# ----------------------------------------------------------------------------- request validation
-
-
-def _field(body: dict, name: str, kinds, default=None, required=False, check=None, message=""):
-    if name not in body or body[name] is None:
-        if required:
-            raise APIError(400, f"'{name}' is a required property", param=name, code="missing_required_parameter")
-        return default
-    value = body[name]
-    if isinstance(value, bool) and bool not in (kinds if isinstance(kinds, tuple) else (kinds,)):
-        raise APIError(400, f"'{name}' must be {message or kinds}, got {value!r}", param=name, code="invalid_type")
-    if not isinstance(value, kinds) or (check is not None and not check(value)):
-        raise APIError(400, f"'{name}' must be {message}, got {value!r}", param=name, code="invalid_value")
-    return value
-
-
-# top_k and ignore_eos are vLLM's extensions to OpenAI's parameters.
-COMMON_FIELDS = {"model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "stop", "seed", "n",
-                 "stream", "stream_options", "user", "logprobs", "presence_penalty", "frequency_penalty", "ignore_eos"}
-COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "echo", "best_of", "suffix"}
-CHAT_FIELDS = COMMON_FIELDS | {"messages", "top_logprobs", "response_format", "tools", "tool_choice"}
-
-
-PROMPT_FORMS = "a string, a list of token ids, or a list holding one of those (one prompt per request)"
-
-
-def _completion_prompt(body: dict, tokenizer) -> list[int]:
-    """The token ids of OpenAI's `prompt`: text, or token ids taken as they are (as OpenAI and vLLM do;
-    the engine refuses ids outside the model's vocabulary)."""
-    prompt = _field(body, "prompt", (str, list), required=True, message=PROMPT_FORMS)
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]  # the batch form, with one prompt
-    if not prompt:
-        raise APIError(400, "'prompt' is empty", param="prompt")
-    if isinstance(prompt, str):
-        return tokenizer.encode(prompt)
-    if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        raise APIError(400, f"'prompt' must be {PROMPT_FORMS}, got {body['prompt']!r:.200}", param="prompt",
-                       code="invalid_type")
-    return list(prompt)
-
-
-def _sampling(body: dict, allowed: set[str], limit: int) -> dict:
-    unknown = sorted(set(body) - allowed)
-    if unknown:
-        raise APIError(400, f"Unrecognized request argument supplied: {', '.join(unknown)}", param=unknown[0],
-                       code="unknown_parameter")
-    for name, neutral in (("logprobs", (None, False, 0)), ("echo", (None, False)), ("presence_penalty", (None, 0, 0.0)),
-                          ("frequency_penalty", (None, 0, 0.0)), ("best_of", (None, 1)), ("suffix", (None, "")),
-                          ("tools", (None, [])), ("top_logprobs", (None, 0))):
-        if body.get(name) not in neutral:
-            raise APIError(400, f"'{name}' is not supported by this server", param=name, code="unsupported_parameter")
-    if body.get("response_format") not in (None, {"type": "text"}):
-        raise APIError(400, "only response_format {'type': 'text'} is supported", param="response_format")
-    n = _field(body, "n", int, 1, check=lambda v: v == 1, message="1 (one choice per request)")
-    max_tokens = _field(body, "max_completion_tokens", int, None, check=lambda v: v > 0, message="a positive integer")
-    max_tokens = _field(body, "max_tokens", int, max_tokens or 16, check=lambda v: v > 0, message="a positive integer")
-    if max_tokens > limit:
-        raise APIError(400, f"'max_tokens' is {max_tokens}; this server allows at most {limit}", param="max_tokens")
-    temperature = _field(body, "temperature", (int, float), 1.0, check=lambda v: 0 <= v <= 2, message="in [0, 2]")
-    top_p = _field(body, "top_p", (int, float), 1.0, check=lambda v: 0 < v <= 1, message="in (0, 1]")
-    top_k = _field(body, "top_k", int, 0, check=lambda v: v >= 0 or v == -1, message="an integer >= 0 (or -1)")
-    seed = _field(body, "seed", int, None, message="an integer")
-    stop = body.get("stop")
-    if isinstance(stop, str):
-        stop = [stop]
-    if stop is not None and (not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop)):
-        raise APIError(400, f"'stop' must be a string or a list of at most 4 non-empty strings, got {stop!r}", param="stop")
-    stream = _field(body, "stream", bool, False, message="a boolean")
-    ignore_eos = _field(body, "ignore_eos", bool, False, message="a boolean")
-    options = _field(body, "stream_options", dict, {}, message="an object")
-    del n
-    return dict(max_tokens=max_tokens, sampler=Sampler(temperature=float(temperature), top_p=float(top_p),
-                                                      top_k=max(top_k, 0), seed=seed),
-                stop=stop or [], stream=stream, include_usage=bool(options.get("include_usage")), ignore_eos=ignore_eos)
+    return {hub.short_name(preset): zoo.from_preset(preset) for preset in presets}
 
 
 # ----------------------------------------------------------------------------- the app
@@ -174,7 +80,7 @@ class Server:
         self.generators: dict[str, GenerationScheduler] = {}
         self.classifiers: dict[str, ClassificationScheduler] = {}
         for name, model in models.items():
-            if hasattr(model, "compiled_steps"):
+            if callable(getattr(model, "generate", None)) and getattr(model, "tokenizer", None) is not None:
                 self.generators[name] = GenerationScheduler(model, config.max_batch, config.max_queue,
                                                             config.max_model_len, self.metrics, name)
             elif hasattr(model, "predict_labels"):
@@ -217,6 +123,9 @@ class Server:
                     raise APIError(503, "the server is still loading models; retry shortly", "server_error",
                                    code="not_ready", headers={"Retry-After": "1"})
                 response = await handler(request)
+            except QueueFull as e:
+                response = APIError(429, f"the server is at capacity ({e}); retry later", "rate_limit_error",
+                                    code="queue_full", headers={"Retry-After": "1"}).response()
             except APIError as e:
                 response = e.response()
             except Exception:  # a bug: still an OpenAI-shaped 500, and logged
@@ -229,12 +138,14 @@ class Server:
 
         return wrapped
 
-    async def json_body(self, request: Request) -> dict:
-        limit = self.config.max_body_bytes
-        declared = request.headers.get("content-length")
+    def check_declared_size(self, request: Request) -> None:
+        limit, declared = self.config.max_body_bytes, request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limit:
             raise APIError(413, f"the request body is {declared} bytes; the limit is {limit}", code="body_too_large")
-        chunks, size = [], 0
+
+    async def json_body(self, request: Request) -> dict:
+        self.check_declared_size(request)
+        limit, chunks, size = self.config.max_body_bytes, [], 0
         try:
             async for chunk in request.stream():
                 size += len(chunk)
@@ -252,7 +163,7 @@ class Server:
         return body
 
     def model(self, body: dict, kind: str):
-        name = _field(body, "model", str, required=True, message="a model id (see GET /v1/models)")
+        name = field(body, "model", str, required=True, message="a model id (see GET /v1/models)")
         table = self.generators if kind == "generate" else self.classifiers
         if name not in table:
             other = "text generation" if kind == "generate" else "image classification"
@@ -287,18 +198,18 @@ class Server:
         body = await self.json_body(request)
         name, scheduler = self.model(body, "generate")
         limit = self.config.max_tokens or scheduler.length
-        params = _sampling(body, CHAT_FIELDS if chat else COMPLETION_FIELDS, limit)
+        params = sampling(body, CHAT_FIELDS if chat else COMPLETION_FIELDS, limit)
         tokenizer = scheduler.lm.tokenizer
         try:
             if chat:
-                messages = _field(body, "messages", list, required=True, check=bool, message="a non-empty list")
+                messages = field(body, "messages", list, required=True, check=bool, message="a non-empty list")
                 for i, m in enumerate(messages):
                     if isinstance(m, dict) and isinstance(m.get("content"), list):  # [{"type": "text", "text": ...}]
                         m = dict(m, content="".join(p.get("text", "") for p in m["content"] if isinstance(p, dict)))
                         messages[i] = m
                 prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
             else:
-                prompt_ids = _completion_prompt(body, tokenizer)
+                prompt_ids = completion_prompt(body, tokenizer)
         except (GenerationError, ZooError) as e:
             raise APIError(400, str(e), param="messages" if chat else "prompt") from None
         total = len(prompt_ids) + params["max_tokens"]
@@ -310,9 +221,6 @@ class Server:
         try:
             stop_ids = () if params["ignore_eos"] else scheduler.lm.stop_token_ids
             ticket = scheduler.submit(prompt_ids, params["max_tokens"], params["sampler"], stop_ids, params["stop"])
-        except QueueFull as e:
-            raise APIError(429, f"the server is at capacity ({e}); retry later", "rate_limit_error",
-                           code="queue_full", headers={"Retry-After": "1"}) from None
         except GenerationError as e:
             raise APIError(400, str(e)) from None
         self.metrics.prompt_tokens.labels(name).inc(len(prompt_ids))
@@ -331,10 +239,10 @@ class Server:
                            code="timeout") from None
         if finish == "cancelled":  # the client went away; nobody reads this
             return Response(status_code=499)
-        usage = _usage(ticket)
+        totals = usage(ticket)
         choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
                    "logprobs": None} if chat else {"index": 0, "text": text, "finish_reason": finish, "logprobs": None})
-        return JSONResponse({**meta, "choices": [choice], "usage": usage})
+        return JSONResponse({**meta, "choices": [choice], "usage": totals})
 
     async def _events(self, request: Request, name: str, scheduler: GenerationScheduler, ticket):
         """The ticket's events; cancels the request if the client disconnects or the deadline passes."""
@@ -390,7 +298,7 @@ class Server:
                 elif event.text:
                     yield chunk(event.text, None)
             if include_usage:
-                yield "data: " + json.dumps({**meta, "object": obj, "choices": [], "usage": _usage(ticket)}) + "\n\n"
+                yield "data: " + json.dumps({**meta, "object": obj, "choices": [], "usage": usage(ticket)}) + "\n\n"
             yield "data: [DONE]\n\n"
         except asyncio.TimeoutError:
             error = {"message": f"the request took longer than {self.config.request_timeout_s}s", "type": "server_error",
@@ -404,10 +312,7 @@ class Server:
     async def classify(self, request: Request):
         content_type = request.headers.get("content-type", "")
         if content_type.startswith("multipart/form-data"):
-            declared = request.headers.get("content-length")
-            if declared and declared.isdigit() and int(declared) > self.config.max_body_bytes:
-                raise APIError(413, f"the request body is {declared} bytes; the limit is {self.config.max_body_bytes}",
-                               code="body_too_large")
+            self.check_declared_size(request)
             try:
                 form = await request.form(max_files=self.config.max_images, max_part_size=self.config.max_body_bytes)
             except Exception as e:
@@ -419,51 +324,18 @@ class Server:
                 raise APIError(400, "upload at least one file in the 'image' field", param="image")
         else:
             body = await self.json_body(request)
-            unknown = sorted(set(body) - {"model", "images", "image", "top_k"})
-            if unknown:
-                raise APIError(400, f"Unrecognized request argument supplied: {', '.join(unknown)}", param=unknown[0])
-            images = body.get("images", [body["image"]] if "image" in body else None)
-            if not isinstance(images, list) or not images or not all(isinstance(i, str) for i in images):
-                raise APIError(400, "'images' must be a non-empty list of base64-encoded image files", param="images")
-            blobs = []
-            for i, data in enumerate(images):
-                try:
-                    blobs.append(base64.b64decode(data.split(",", 1)[-1] if data.startswith("data:") else data,
-                                                  validate=True))
-                except (binascii.Error, ValueError):
-                    raise APIError(400, f"images[{i}] is not valid base64", param="images") from None
+            blobs = base64_images(body)
         name, scheduler = self.model(body, "classify")
-        top_k = _field(body, "top_k", int, 5, check=lambda v: v > 0, message="a positive integer")
+        top_k = field(body, "top_k", int, 5, check=lambda v: v > 0, message="a positive integer")
         if len(blobs) > self.config.max_images:
             raise APIError(400, f"{len(blobs)} images; at most {self.config.max_images} per request", param="images")
-        images = []
-        for i, blob in enumerate(blobs):
-            images.append(_decode_image(blob, i))
+        images = [decode_image(blob, i) for i, blob in enumerate(blobs)]
         try:
             results = await scheduler.submit(images, top_k)
-        except QueueFull as e:
-            raise APIError(429, f"the server is at capacity ({e}); retry later", "rate_limit_error",
-                           code="queue_full", headers={"Retry-After": "1"}) from None
         except (ImageError, ZooError) as e:
             raise APIError(400, str(e), param="images") from None
         return JSONResponse({"object": "list", "model": name,
                              "data": [{"index": i, "labels": labels} for i, labels in enumerate(results)]})
-
-
-def _decode_image(blob: bytes, index: int):
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        image = Image.open(io.BytesIO(blob))
-        image.load()
-        return image
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise APIError(400, f"images[{index}] cannot be decoded as an image: {e}", param="images") from None
-
-
-def _usage(ticket) -> dict:
-    prompt, completion = len(ticket.request.prompt_ids), len(ticket.request.tokens)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def create_app(models: dict, config: ServerConfig | None = None) -> Starlette:

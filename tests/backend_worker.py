@@ -10,7 +10,7 @@ import numpy as np
 
 def main(kind: str, folder: str, inputs: str, output: str) -> None:
     import zoo
-    from zoo.backend import to_numpy
+    from keras.ops import convert_to_numpy as to_numpy
 
     if kind == "vit":
         model = zoo.ViTImageClassifier.from_preset(folder)

@@ -5,12 +5,13 @@ import shutil
 import struct
 
 import numpy as np
+from keras.ops import convert_to_numpy as to_numpy
 import pytest
 from safetensors import safe_open
 from safetensors.numpy import load_file
 
 import zoo
-from zoo import backend, cli
+from zoo import cli
 from zoo.checkpoints_tools.align import align_checkpoint
 from zoo.errors import PresetNotFoundError
 from vit_reference import save_hf_vit
@@ -60,8 +61,8 @@ def test_align_rewrites_library_files_that_still_load_everywhere(sharded, tmp_pa
         sizes = {key: value.nbytes for key, value in after.items()}
         assert all(offset % 64 == 0 for key, offset in _offsets(aligned / name).items() if sizes[key] % 64 == 0)
     pixels = np.random.default_rng(0).standard_normal((2, 16, 16, 3)).astype("float32")
-    expected = backend.to_numpy(zoo.ViTImageClassifier.from_preset(sharded)(pixels))
-    np.testing.assert_array_equal(backend.to_numpy(zoo.ViTImageClassifier.from_preset(aligned)(pixels)), expected)
+    expected = to_numpy(zoo.ViTImageClassifier.from_preset(sharded)(pixels))
+    np.testing.assert_array_equal(to_numpy(zoo.ViTImageClassifier.from_preset(aligned)(pixels)), expected)
     assert ViTForImageClassification.from_pretrained(aligned) is not None  # transformers reads them too
 
     report = align_checkpoint(shutil.copytree(sharded, tmp_path / "in_place"))  # in place: same result

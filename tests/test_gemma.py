@@ -15,9 +15,9 @@ import pytest
 import torch
 
 import zoo
-from zoo.backend import to_numpy
+from keras.ops import convert_to_numpy as to_numpy
 from zoo.errors import ConfigError, GenerationError
-from zoo.generation import Sampler, bucket
+from zoo.generation import Sampler, bucket, compiled_steps
 from gemma_reference import VARIANTS, hf_greedy, reference, save_hf_gemma
 
 TOL = 1e-4
@@ -162,14 +162,15 @@ def test_decode_steps_cover_only_the_rows_in_use(models):
             pass
         alone[text] = r.tokens
     engine = lm.engine(4, 64)
-    decode = lm.compiled_steps()[1]
+    steps = compiled_steps(lm)
+    decode = steps.decode
     rows_seen = []
 
     def spy(tokens, positions, cache):
         rows_seen.append(len(tokens))
         return decode(tokens, positions, cache)
 
-    lm._compiled[lm.torch_mode] = (lm.compiled_steps()[0], spy)
+    steps.decode = spy
     try:
         first = [engine.submit(lm.tokenizer.encode(t), texts[t], stop_ids=()) for t in ("def add", "import numpy", "for")]
         for _ in engine.run(first):
@@ -182,7 +183,7 @@ def test_decode_steps_cover_only_the_rows_in_use(models):
             pass
         assert last.slot == 0 and set(rows_seen) == {1}  # alone in the lowest slot: batch-1 steps
     finally:
-        lm._compiled[lm.torch_mode] = (lm.compiled_steps()[0], decode)
+        steps.decode = decode
     assert [r.tokens for r in (*first, last)] == [alone[t] for t in ("def add", "import numpy", "for", "class")]
 
 

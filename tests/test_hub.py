@@ -10,7 +10,7 @@ import zoo
 from conftest import FAKE_HF_PORT
 from fake_hubs import FakeHFHub, FakeKaggle
 from zoo import hub
-from zoo.backend import to_numpy
+from keras.ops import convert_to_numpy as to_numpy
 from zoo.errors import CheckpointError, GatedModelError, HandleError, HubError
 
 IMAGES = np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 1)).astype("float32")

@@ -9,7 +9,7 @@ import torch
 
 import zoo
 from timm_reference import LABELS, SIZE, VARIANTS
-from zoo.backend import to_numpy
+from keras.ops import convert_to_numpy as to_numpy
 from zoo.errors import ConfigError
 from zoo.layers.interpolate import bicubic_grid_matrix
 from zoo.models.vit.config import ViTConfig

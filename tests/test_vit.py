@@ -14,7 +14,7 @@ from safetensors import safe_open
 from transformers import ViTModel
 
 import zoo
-from zoo.backend import to_numpy
+from keras.ops import convert_to_numpy as to_numpy
 from vit_reference import hf_hidden, hf_logits, hf_to_timm, save_hf_vit, timm_avg_pool_logits
 
 TOL = 1e-4
@@ -222,7 +222,7 @@ def test_predict_follows_assigned_weights_and_new_adapters(hf_folders):
     clf = zoo.ViTImageClassifier.from_preset(hf_folders["odd_sizes"])
     np.testing.assert_allclose(clf.predict_on_batch(x), to_numpy(clf(x)), atol=1e-5, rtol=0)
     if keras.backend.backend() == "torch":
-        assert "_predict_trace" in clf.__dict__  # the trace served that call
+        assert "_predict_trace" in clf.__dict__  # the backend's trace served that call
     before = clf.predict_on_batch(x)
     fc1 = clf.backbone.encoder_layers[0].fc1
     fc1.kernel.assign(to_numpy(fc1.kernel) * 2.0)

@@ -10,7 +10,7 @@ from zoo import _select_backend
 
 _select_backend.choose()
 
-from zoo import errors  # noqa: E402  (the backend must be chosen before Keras is imported)
+from zoo import backends, errors, hub, loader  # noqa: E402  (the backend must be chosen before Keras is imported)
 from zoo.models.gemma import GemmaBackbone, GemmaCausalLM, GemmaConfig  # noqa: E402
 from zoo.models.vit import ImagePreprocessor, ViTBackbone, ViTConfig, ViTImageClassifier  # noqa: E402
 from zoo.presets import PresetCard, list_presets  # noqa: E402
@@ -20,15 +20,8 @@ __version__ = "0.1.0"
 
 def from_preset(preset, **kwargs):
     """Loads a preset with its default task class (e.g. a ViT checkpoint as a ViTImageClassifier)."""
-    import sys
-
-    from zoo import hub
-    from zoo.models import registry
-    from zoo.models.base import CONFIG_FILE, read_config
-
     folder = hub.resolve(preset)  # once: a hub handle is not resolved (or downloaded) a second time
-    fmt = registry.detect(read_config(folder), folder / CONFIG_FILE)
-    model = getattr(sys.modules[__name__], fmt.task).from_preset(folder, **kwargs)
+    model = loader.detect(folder).task.from_preset(folder, **kwargs)
     model.source = hub.describe(preset, folder)
     return model
 
@@ -42,6 +35,7 @@ __all__ = [
     "ViTBackbone",
     "ViTConfig",
     "ViTImageClassifier",
+    "backends",
     "errors",
     "from_preset",
     "list_presets",

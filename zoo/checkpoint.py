@@ -18,7 +18,6 @@ checkpoint saved here loads on every backend without reading it. What concerns o
 """
 
 import itertools
-import json
 import mmap
 import os
 import re
@@ -28,13 +27,17 @@ from pathlib import Path
 
 import numpy as np
 
+from zoo import backends
 from zoo.errors import CorruptCheckpointError, PresetNotFoundError
-from zoo.safetensors_file import (ALIGNMENT, FLOAT_CODES, Prefetcher, TensorInfo, numpy_dtype, read_header,
-                                  read_tensor, write_safetensors)
+from zoo.files import read_json, write_json
+from zoo.host import ALIGNMENT
+from zoo.safetensors_file import (FLOAT_CODES, Prefetcher, TensorInfo, numpy_dtype, read_header, read_tensor,
+                                  write_safetensors)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_SIZE = 5 * 1024**3
+WEIGHT_MAP = "an object with a 'weight_map' object of tensor name -> file"
 
 
 class Checkpoint:
@@ -78,10 +81,6 @@ class Checkpoint:
                 tensors[name] = TensorInfo(name, path, shape, dtype, offset)
         return cls(folder, tensors)
 
-    def read(self, name: str) -> np.ndarray:
-        """Returns one tensor as a NumPy array (bfloat16 through ml_dtypes)."""
-        return next(self.read_many([name]))
-
     def read_many(self, names: list[str]) -> Iterator[np.ndarray]:
         """Yields the tensors in order, each an array the caller owns.
 
@@ -90,12 +89,9 @@ class Checkpoint:
         copy-on-write view of the file's private mapping, and the others are read into fresh
         aligned buffers, or taken from the background reader if `prefetch` started one.
         """
-        from zoo import backend
-
         for file, group in itertools.groupby(names, key=lambda n: self.tensors[n].file):
             group = list(group)
-            mapped = backend.read_mapped(file, group)
-            yield from mapped if mapped is not None else self._read_copies(file, group)
+            yield from backends.read_mapped(file, group) if backends.read_mapped else self._read_copies(file, group)
 
     def _read_copies(self, file: Path, names: list[str]) -> Iterator[np.ndarray]:
         with open(file, "rb", buffering=0) as handle:
@@ -147,7 +143,7 @@ class Checkpoint:
         `max_bytes` ahead of what `read_many` has taken (None: no bound, for backends that adopt
         the buffers as the weights themselves, so read-ahead is never a second copy). A tensor
         the reader has not reached when asked for is read by the caller instead, so any order of
-        requests works. `threads` readers (default: `backend.read_ahead_threads`). Without a
+        requests works. `threads` readers (default: `backends.read_ahead_threads`). Without a
         bound, `cast_to` (a NumPy dtype) has the readers cast floating-point tensors of another
         floating dtype to it, off the caller's thread. `stop_prefetch` ends the readers and
         drops what was not taken. Tensors `read_many` serves from the file's mapping are left
@@ -170,9 +166,7 @@ class Checkpoint:
         if not order:
             return
         if threads is None:
-            from zoo import backend
-
-            threads = backend.read_ahead_threads(bounded=max_bytes is not None)
+            threads = backends.read_ahead_threads(bounded=max_bytes is not None)
         self._prefetch = Prefetcher(order, max_bytes, threads, cast_to if max_bytes is None else None)
 
     def stop_prefetch(self) -> None:
@@ -187,16 +181,9 @@ class Checkpoint:
 
 def _files_from_index(folder: Path) -> dict[Path, list[str]]:
     index_path = folder / INDEX_FILE
-    try:
-        index = json.loads(index_path.read_text())
-        weight_map = index["weight_map"]
-        if not isinstance(weight_map, dict):
-            raise TypeError("weight_map is not an object")
-    except (ValueError, KeyError, TypeError) as e:
-        raise CorruptCheckpointError(
-            f"{index_path}: expected JSON with a 'weight_map' object of tensor name -> file, "
-            f"could not read it: {e}"
-        ) from e
+    weight_map = read_json(index_path, error=CorruptCheckpointError, holding=WEIGHT_MAP).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise CorruptCheckpointError(f"{index_path}: expected {WEIGHT_MAP}, got {weight_map!r:.100}")
     files: dict[Path, list[str]] = {}
     for name, file_name in weight_map.items():
         path = folder / file_name
@@ -271,5 +258,5 @@ def write_checkpoint(folder: str | os.PathLike, tensors: Iterable[PendingTensor]
     if count > 1:
         index = {"metadata": {"total_size": sum(t.nbytes for s in shards for t in s)},
                  "weight_map": dict(sorted(weight_map.items()))}
-        (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        write_json(folder / INDEX_FILE, index)
     return [folder / n for n in names]

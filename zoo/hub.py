@@ -4,7 +4,9 @@ Downloads go through `huggingface_hub` and `kagglehub`, so their caches, progres
 (`HF_TOKEN`, `KAGGLE_USERNAME`/`KAGGLE_KEY`, `~/.kaggle/kaggle.json`) and offline mode
 (`HF_HUB_OFFLINE`) apply. A Hugging Face revision (branch, tag or commit) is resolved to one
 commit first and every file is fetched from that commit. `ZOO_OFFLINE=1` (or `set_offline(True)`)
-keeps every load on what is already cached.
+keeps every load on what is already cached. kagglehub needs the network to find a model's
+latest version, so each Kaggle download is recorded (`$ZOO_CACHE/kaggle.json`, by default under
+~/.cache/keras-zoo): offline, or with Kaggle out of reach, a handle is answered from that record.
 
 Example:
     >>> from zoo import hub
@@ -12,8 +14,10 @@ Example:
     Handle(scheme='hf', repo='google/gemma-2-2b', revision='main', kaggle_version=None)
 """
 
+import json
 import os
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,6 +91,16 @@ def _is_path(preset) -> bool:
     if "://" in preset:
         return False
     return preset.startswith((".", "/", "~")) or os.sep in preset or Path(preset).is_dir()
+
+
+def short_name(preset: str | os.PathLike) -> str:
+    """What to call the model a preset, handle or folder loads: the preset's name, the repository's or Kaggle
+    variation's last part (no revision or version), or the folder's name."""
+    if _is_path(preset):
+        return Path(preset).expanduser().name or str(preset)
+    if "://" in preset:
+        return parse(preset).repo.split("/")[-1]
+    return preset
 
 
 # Where each resolved folder came from, so `describe` can record the commit without a second call.
@@ -213,39 +227,61 @@ def _kaggle_error(e: Exception, h: Handle) -> HubError:
 
 
 def _download_kaggle(h: Handle) -> tuple[Path, dict]:
-    import kagglehub
-
-    handle = h.repo + (f"/{h.kaggle_version}" if h.kaggle_version else "")
     if is_offline():
-        return _kaggle_from_cache(h)
-    try:
-        folder = Path(kagglehub.model_download(handle))
-    except Exception as e:  # kagglehub raises requests' errors and its own
-        import requests
+        return _kaggle_from_record(h)
+    import kagglehub
+    import requests
 
-        if isinstance(e, requests.ConnectionError):
-            try:
-                return _kaggle_from_cache(h)
-            except HubError:
-                pass
+    try:
+        folder = Path(kagglehub.model_download(h.repo + (f"/{h.kaggle_version}" if h.kaggle_version else "")))
+    except requests.ConnectionError as e:  # Kaggle out of reach: what was downloaded before answers
+        try:
+            return _kaggle_from_record(h)
+        except HubError:
+            raise _kaggle_error(e, h) from e
+    except Exception as e:  # kagglehub raises requests' errors and its own
         raise _kaggle_error(e, h) from e
     version = int(folder.name) if folder.name.isdigit() else h.kaggle_version
+    _record_kaggle(h, version, folder)
     return folder, {"version": version}
 
 
-def _kaggle_from_cache(h: Handle) -> tuple[Path, dict]:
-    """The cached version asked for, or the newest cached one: kagglehub needs the network to find "latest"."""
-    from kagglehub.cache import Cache
-    from kagglehub.handle import parse_model_handle
+def _kaggle_record_path() -> Path:
+    return Path(os.environ.get("ZOO_CACHE") or "~/.cache/keras-zoo").expanduser() / "kaggle.json"
 
-    cache = Cache()
-    base = Path(cache.get_path(parse_model_handle(h.repo + "/1"))).parent
-    versions = [h.kaggle_version] if h.kaggle_version else sorted(
-        (int(p.name) for p in base.glob("*") if p.name.isdigit()), reverse=True)
-    for version in versions:
-        path = cache.load_from_cache(parse_model_handle(f"{h.repo}/{version}"))
-        if path:
-            return Path(path), {"version": version}
+
+def _kaggle_records() -> dict:
+    try:
+        records = json.loads(_kaggle_record_path().read_text())
+    except (OSError, ValueError):
+        return {}
+    return records if isinstance(records, dict) else {}
+
+
+def _record_kaggle(h: Handle, version: int | None, folder: Path) -> None:
+    """Notes where kagglehub put this version of the model (and the latest version seen, if it was asked for)."""
+    records = _kaggle_records()
+    entry = records.setdefault(h.repo, {"folders": {}})
+    entry.setdefault("folders", {})[str(version)] = str(folder)
+    if h.kaggle_version is None:
+        entry["latest"] = version
+    path = _kaggle_record_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
+            json.dump(records, f, indent=1)
+        os.replace(f.name, path)
+    except OSError:  # a read-only home: the download itself worked
+        pass
+
+
+def _kaggle_from_record(h: Handle) -> tuple[Path, dict]:
+    """The recorded folder of the version asked for, or of the latest version downloaded, if it is still there."""
+    entry = _kaggle_records().get(h.repo, {})
+    version = h.kaggle_version or entry.get("latest")
+    folder = entry.get("folders", {}).get(str(version))
+    if folder and (Path(folder) / "config.json").is_file():
+        return Path(folder), {"version": version}
     raise HubError(f"kaggle://{h.repo}" + (f"/{h.kaggle_version}" if h.kaggle_version else "") +
                    " is not in the local cache and downloads are off (offline, or Kaggle cannot be reached)")
 
@@ -257,7 +293,7 @@ def cached_folder(preset: str) -> Path | None:
             return Path(preset) if Path(preset).is_dir() else None
         if "://" in preset:
             h = parse(preset)
-            return (_hf_from_cache(h) if h.scheme == "hf" else _kaggle_from_cache(h))[0]
+            return (_hf_from_cache(h) if h.scheme == "hf" else _kaggle_from_record(h))[0]
         card = presets.get(preset)
         if card.folder is not None:
             return card.folder

@@ -16,11 +16,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from zoo import backend
+import keras
+
+from zoo import backends
 from zoo.checkpoint import Checkpoint, PendingTensor
 from zoo.errors import CheckpointError, MissingWeightsError, ShapeMismatchError, UnexpectedWeightsError
-from zoo.layers.dtypes import host_dtype
-from zoo.safetensors_file import TensorInfo, astype_aligned
+from zoo.host import astype_aligned, host_dtype
+from zoo.safetensors_file import TensorInfo
 
 Shape = tuple[int, ...]
 
@@ -194,14 +196,12 @@ def load(assignments: list[Assignment], checkpoint: Checkpoint, weights: dict) -
             value, dtype = transform.forward(part, shape), host_dtype(variable.dtype)
             if value.dtype != dtype:
                 value = astype_aligned(value, dtype)
-            backend.set_value(variable, value)
+            backends.set_value(variable, value)
         del array, parts
 
 
 def export(rows: list[Row], weights: dict) -> list[PendingTensor]:
     """The checkpoint tensors the map's rows produce from the model's weights, for `write_checkpoint`."""
-    import keras
-
     pending, written = [], set()
     for row in rows:
         if not row.targets:

@@ -3,7 +3,7 @@
 `zoo.checkpoint` lists a checkpoint folder's tensors and hands them to the loader; the pieces
 here deal with a single file. `read_header` validates a header with the safetensors library and
 says which part of a file it rejected. `read_tensor` reads one tensor's bytes straight into a
-fresh 64-byte-aligned buffer (`aligned_empty`), which JAX and TensorFlow adopt without a copy;
+fresh 64-byte-aligned buffer (`zoo.host.aligned_empty`), which JAX and TensorFlow adopt without a copy;
 the safetensors library has no call that reads into a buffer we give it, hence the few lines
 of our own. `Prefetcher` runs those reads in background threads. `write_safetensors` writes a
 file whose sizeable tensors all lie 64-byte aligned (the library's writer has no such option).
@@ -11,7 +11,6 @@ file whose sizeable tensors all lie 64-byte aligned (the library's writer has no
 
 import json
 import math
-import mmap
 import struct
 import threading
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from zoo.errors import CheckpointError, CorruptCheckpointError
+from zoo.host import ALIGNMENT, aligned_empty, astype_aligned
 
 # Bytes per element of each safetensors dtype code.
 DTYPE_SIZES = {
@@ -58,47 +58,6 @@ def numpy_dtype(code: str):
     return np.dtype(f"<{code[0].lower()}{int(code[1:]) // 8}")  # "F32" -> "<f4", "I64" -> "<i8"
 
 
-ALIGNMENT = 64  # what XLA:CPU needs to adopt a host buffer without copying it; TensorFlow aborts on less
-
-
-MAPPED_BYTES = 4 * 2**20  # from this size on, buffers are anonymous mappings of ordinary pages
-
-
-_MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # Linux only; elsewhere pages fault in as written
-
-
-def aligned_empty(nbytes: int, zeroed: bool = False) -> np.ndarray:
-    """A uint8 buffer of nbytes whose data starts on a 64-byte boundary, uninitialised unless `zeroed`.
-
-    Zeroed buffers cost nothing until written (calloc'ed pages, or a fresh mapping). Large buffers
-    are anonymous mappings rather than NumPy arrays, because NumPy asks for transparent huge pages
-    from 4 MiB on, and those were slower to fault in: a 1 GB checkpoint read on one thread took
-    1.23-1.56 s into NumPy's buffers and 0.81-0.89 s into mappings on the VM of
-    benchmarks/RESULTS.md, while products over the weights and decoding ran no slower from
-    ordinary pages (see RESULTS.md). A large buffer that is not asked to be zeroed is about to be
-    written in full, so its pages are faulted in by the kernel at once (`MAP_POPULATE`) rather
-    than one trap per page while it is written: the same 1 GB read took 0.74-0.88 s against
-    0.97-1.19 s.
-    """
-    if nbytes >= MAPPED_BYTES:
-        if zeroed or not _MAP_POPULATE:
-            return np.frombuffer(mmap.mmap(-1, nbytes), np.uint8)  # page-aligned and zero-filled
-        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_POPULATE
-        return np.frombuffer(mmap.mmap(-1, nbytes, flags=flags), np.uint8)
-    raw = (np.zeros if zeroed else np.empty)(nbytes + ALIGNMENT, np.uint8)
-    start = -raw.ctypes.data % ALIGNMENT
-    return raw[start : start + nbytes]
-
-
-def astype_aligned(array: np.ndarray, dtype) -> np.ndarray:
-    """`array.astype(dtype)` into a fresh 64-byte-aligned buffer, which JAX and TensorFlow adopt as
-    it is (NumPy's own allocations are 16-byte aligned, so the backend would copy once more)."""
-    dtype = np.dtype(dtype)
-    out = aligned_empty(array.size * dtype.itemsize).view(dtype).reshape(array.shape)
-    np.copyto(out, array, casting="unsafe")
-    return out
-
-
 def read_tensor(handle, info: TensorInfo) -> np.ndarray:
     """One tensor's bytes, read from an open file into a fresh 64-byte-aligned buffer."""
     buffer = aligned_empty(info.nbytes)
@@ -122,7 +81,7 @@ class Prefetcher:
 
     `readinto` releases the GIL, so the copies run while the caller's thread builds Keras
     layers. Without a window, several readers may help, because a read into fresh pages mostly
-    waits for the kernel to fault them in (`backend.read_ahead_threads` says how many each
+    waits for the kernel to fault them in (`backends.read_ahead_threads` says how many each
     backend takes). Readers claim tensors in file order and reserve their bytes before reading,
     so the window bounds what is read or being read. Errors are kept and raised by `take` for
     the tensor that failed; the other readers then stop.

@@ -15,6 +15,7 @@ from functools import cached_property
 from pathlib import Path
 
 from zoo.errors import ConfigError, GenerationError, PresetNotFoundError
+from zoo.files import read_json
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "added_tokens.json")
@@ -64,12 +65,8 @@ class Tokenizer:
             raise PresetNotFoundError(f"{folder}: no tokenizer.json or tokenizer.model")
         config = {}
         for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins
-            path = folder / name
-            if path.is_file():
-                try:
-                    config.update(json.loads(path.read_text()))
-                except ValueError as e:
-                    raise ConfigError(f"{path}: not valid JSON: {e}") from e
+            if (folder / name).is_file():
+                config.update(read_json(folder / name))
         template = config.get("chat_template")
         if (folder / "chat_template.jinja").is_file():
             template = (folder / "chat_template.jinja").read_text()

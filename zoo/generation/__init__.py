@@ -1,7 +1,8 @@
-"""Text generation: samplers, stop rules, and the continuous-batching engine."""
+"""Text generation: samplers, stop rules, the continuous-batching engine and each model's compiled steps."""
 
-from zoo.generation.engine import Event, GenerationEngine, Request, bucket
 from zoo.errors import GenerationError
+from zoo.generation.api import generate, stream
+from zoo.generation.engine import Event, GenerationEngine, Request, bucket, engine, make_request
 from zoo.generation.samplers import (
     GreedySampler,
     RandomSampler,
@@ -9,7 +10,9 @@ from zoo.generation.samplers import (
     TopKSampler,
     TopPSampler,
 )
+from zoo.generation.steps import compiled_steps
 from zoo.generation.text import TextStream
 
 __all__ = ["Event", "GenerationEngine", "GenerationError", "GreedySampler", "RandomSampler", "Request", "Sampler",
-           "TextStream", "TopKSampler", "TopPSampler", "bucket"]
+           "TextStream", "TopKSampler", "TopPSampler", "bucket", "compiled_steps", "engine", "generate",
+           "make_request", "stream"]

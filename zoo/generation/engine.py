@@ -9,9 +9,9 @@ Requests take the lowest free slots, and a step decodes only the first rows up t
 busy one (rounded up to a power of two): one request alone in an 8-slot engine costs a batch-1
 step, not a batch-8 one.
 
-The engine is model-agnostic: it needs `model.compiled_steps(refresh=False)` (prefill and decode,
-see GemmaCausalLM) and `model.backbone.empty_cache(rows, length)`; with `model.tokenizer` set it also
-turns tokens into text (and honours stop strings).
+The engine is model-agnostic: it needs the model's `prefill`, `decode` and `empty_cache` (see
+GemmaCausalLM), which it runs compiled (`zoo.generation.steps`), and `model.config.vocab_size`;
+with `model.tokenizer` set it also turns tokens into text (and honours stop strings).
 """
 
 import collections
@@ -21,13 +21,15 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+from keras import ops
 
-from zoo import backend
 from zoo.errors import GenerationError
+from zoo.generation import steps
 from zoo.generation.samplers import Sampler
 from zoo.generation.text import TextStream
 
 MIN_BUCKET = 16
+MAX_ENGINES = 4  # engine shapes (slots x positions) kept per model, each with its KV cache; the oldest goes first
 
 
 def bucket(n: int, cap: int | None = None) -> int:
@@ -67,6 +69,35 @@ class Request:
         return len(self.prompt_ids) + len(self.tokens) - 1
 
 
+def make_request(model, prompt_ids, max_new_tokens, sampler: Sampler | None = None, stop_ids=(), stop=()) -> Request:
+    """A request for `model`, every argument checked here, once: a GenerationError says what is wrong."""
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens <= 0:
+        raise GenerationError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    prompt_ids = [int(i) for i in prompt_ids]
+    if not prompt_ids:
+        raise GenerationError("the prompt is empty; give some text (at least one token) to continue")
+    vocab, limit = model.config.vocab_size, model.config.max_position_embeddings
+    outside = [i for i in prompt_ids if not 0 <= i < vocab]
+    if outside:  # an embedding lookup would fail on some backends and clamp on others (JAX)
+        raise GenerationError(f"the prompt holds token ids outside the model's vocabulary of {vocab}: {outside[:5]}")
+    if len(prompt_ids) >= limit:
+        raise GenerationError(f"the prompt has {len(prompt_ids)} tokens; the model's maximum is {limit} positions")
+    request = Request(prompt_ids, max_new_tokens, sampler or Sampler(), frozenset(stop_ids), tuple(stop))
+    if request.stop and model.tokenizer is None:
+        raise GenerationError("stop strings need a tokenizer; this model has none (use stop token ids)")
+    return request
+
+
+def engine(model, rows: int, length: int) -> "GenerationEngine":
+    """The model's engine over `rows` slots of `length` positions, reused while its shape is asked for."""
+    engines = steps.state(model).engines
+    if (rows, length) not in engines:
+        if len(engines) >= MAX_ENGINES:
+            engines.pop(next(iter(engines)))
+        engines[rows, length] = GenerationEngine(model, rows, length)
+    return engines[rows, length]
+
+
 @dataclass
 class Event:
     """What one step produced for one request: a token and the text it made certain."""
@@ -90,7 +121,8 @@ class GenerationEngine:
     def __init__(self, model, rows: int, length: int):
         self.model, self.rows, self.length = model, rows, length
         self.tokenizer = model.tokenizer
-        self.cache = model.backbone.empty_cache(rows, length)
+        self.steps = steps.state(model).steps
+        self.cache = model.empty_cache(rows, length)
         self.slots: list[Request | None] = [None] * rows
         self.waiting: collections.deque[Request] = collections.deque()
         self._streams: dict[int, tuple[TextStream, np.random.Generator]] = {}
@@ -99,24 +131,14 @@ class GenerationEngine:
     # ------------------------------------------------------------------ requests
 
     def submit(self, prompt_ids, max_new_tokens: int, sampler: Sampler | None = None, stop_ids=(), stop=()) -> Request:
-        """Queues a request; it joins the batch at the next step with a free slot."""
-        prompt_ids = [int(i) for i in prompt_ids]
-        if not prompt_ids:
-            raise GenerationError("the prompt is empty; give at least one token")
-        vocab = self.model.config.vocab_size
-        outside = [i for i in prompt_ids if not 0 <= i < vocab]
-        if outside:  # an embedding lookup would fail on some backends and clamp on others (JAX)
-            raise GenerationError(f"the prompt holds token ids outside the model's vocabulary of {vocab}: {outside[:5]}")
-        if len(prompt_ids) >= self.length:
-            raise GenerationError(
-                f"the prompt has {len(prompt_ids)} tokens; this engine holds {self.length} positions "
-                f"(prompt and new tokens together)"
-            )
-        if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
-            raise GenerationError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-        request = Request(prompt_ids, max_new_tokens, sampler or Sampler(), frozenset(stop_ids), tuple(stop))
-        if request.stop and self.tokenizer is None:
-            raise GenerationError("stop strings need a tokenizer; this model has none (use stop token ids)")
+        """Queues a request (checked by `make_request`); it joins the batch at the next step with a free slot."""
+        return self.enqueue(make_request(self.model, prompt_ids, max_new_tokens, sampler, stop_ids, stop))
+
+    def enqueue(self, request: Request) -> Request:
+        """Queues a request made by `make_request`."""
+        if len(request.prompt_ids) >= self.length:
+            raise GenerationError(f"the prompt has {len(request.prompt_ids)} tokens; this engine holds {self.length} "
+                                  "positions (prompt and new tokens together)")
         stream = TextStream(self.tokenizer, request.stop) if self.tokenizer is not None else None
         with self._lock:
             self._streams[request.id] = (stream, request.sampler.rng())
@@ -143,7 +165,8 @@ class GenerationEngine:
         """
         if not self.idle():
             raise GenerationError("warm_up() needs an idle engine")
-        prefill, decode = self.model.compiled_steps(refresh=True)
+        self.steps.refresh()
+        prefill, decode = self.steps.prefill, self.steps.decode
         for batch, width in self.prefill_shapes():
             tokens = np.zeros((batch, width), np.int32)
             slots = (np.arange(batch) % self.rows).astype(np.int32)
@@ -175,8 +198,8 @@ class GenerationEngine:
             positions = np.zeros((rows,), np.int32)
             for r in active:
                 tokens[r.slot, 0], positions[r.slot] = r.tokens[-1], r.position
-            logits, self.cache = self.model.compiled_steps()[1](tokens, positions, self.cache)
-            logits = backend.to_numpy(logits)
+            logits, self.cache = self.steps.decode(tokens, positions, self.cache)
+            logits = ops.convert_to_numpy(logits)
             events += [self._accept(r, logits[r.slot]) for r in active]
         for i, r in enumerate(self.slots):
             if r is not None and r.finished:
@@ -220,8 +243,8 @@ class GenerationEngine:
                 tokens[row, : len(r.prompt_ids)] = r.prompt_ids
             lengths = np.array([len(r.prompt_ids) for r in padded], np.int32)
             slots = np.array([r.slot for r in padded], np.int32)
-            logits, self.cache = self.model.compiled_steps()[0](tokens, lengths, slots, self.cache)
-            logits = backend.to_numpy(logits)
+            logits, self.cache = self.steps.prefill(tokens, lengths, slots, self.cache)
+            logits = ops.convert_to_numpy(logits)
             events += [self._accept(r, logits[row]) for row, r in enumerate(group)]
         return events
 
@@ -249,6 +272,6 @@ class GenerationEngine:
 
     def run(self, requests: list[Request]):
         """Steps until every request is finished, yielding each step's events."""
-        self.model.compiled_steps(refresh=True)
+        self.steps.refresh()
         while not all(r.finished for r in requests):
             yield from self.step()

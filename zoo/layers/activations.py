@@ -4,7 +4,7 @@ from collections.abc import Callable
 
 from keras import ops
 
-from zoo import backend
+from zoo import backends
 from zoo.errors import ConfigError
 
 
@@ -13,7 +13,7 @@ def _quick_gelu(x):
 
 
 ACTIVATIONS: dict[str, Callable] = {
-    "gelu": backend.gelu,
+    "gelu": backends.gelu,
     "gelu_new": lambda x: ops.gelu(x, approximate=True),
     "gelu_fast": lambda x: ops.gelu(x, approximate=True),
     "gelu_pytorch_tanh": lambda x: ops.gelu(x, approximate=True),

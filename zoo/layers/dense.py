@@ -20,9 +20,8 @@ import math
 import keras
 from keras import ops
 
-from zoo import backend
+from zoo import backends
 from zoo.layers import init
-from zoo.layers.tracking import LeanAttributes
 
 
 def _parse(equation: str) -> tuple[str, str, str, bool]:
@@ -39,7 +38,7 @@ def _parse(equation: str) -> tuple[str, str, str, bool]:
 
 
 @keras.saving.register_keras_serializable(package="zoo")
-class EinsumDense(LeanAttributes, keras.layers.EinsumDense):
+class EinsumDense(keras.layers.EinsumDense):
     """`keras.layers.EinsumDense` that contracts the input's trailing axes with one end of the kernel."""
 
     def __init__(self, equation: str, output_shape, **kwargs):
@@ -56,9 +55,9 @@ class EinsumDense(LeanAttributes, keras.layers.EinsumDense):
             weight = ops.reshape(self.kernel, (math.prod(out_shape), inner))  # (f, d)
             x2d = ops.reshape(inputs, (-1, inner))  # (m, d)
             if bias is not None and tuple(bias.shape) == out_shape:  # a bias per output: fused where it pays
-                x, bias = backend.linear(x2d, weight, ops.reshape(bias, (-1,)), matmul_out_in), None
+                x, bias = backends.linear(x2d, weight, ops.reshape(bias, (-1,))), None
             else:
-                x = matmul_out_in(x2d, weight)
+                x = backends.matmul_out_in(x2d, weight)
         else:
             out_shape, inner = kernel_shape[self._num_contracted:], math.prod(kernel_shape[: self._num_contracted])
             x = ops.matmul(ops.reshape(inputs, (-1, inner)), ops.reshape(self.kernel, (inner, math.prod(out_shape))))
@@ -70,26 +69,6 @@ class EinsumDense(LeanAttributes, keras.layers.EinsumDense):
             if self.activation is not None:
                 x = self.activation(x)
         return x
-
-
-SMALL_ROWS = 2
-
-
-def matmul_out_in(x, weight):
-    """x (m, d) times a PyTorch-layout weight (f, d), transposed: (m, f).
-
-    With one or two rows (a decode step at batch 1 or 2) this is a matrix-vector product bound
-    by reading the weight. XLA:CPU streams a row-major (f, d) weight faster as `weight @ x.T`
-    than as `x @ weight.T`, which it turns into a loop fusion: a Gemma decode step at batch 1
-    (benchmarks/generate.py shape, LM head included) is ~23% faster on JAX and ~12% on
-    TensorFlow; PyTorch gains nothing and keeps the product transformers uses. At batch 8 the
-    plain product is ~9% faster on JAX. The row count is static when compiled; a symbolic one
-    (exporting with a batch of any size) takes the plain product.
-    """
-    rows = x.shape[0]
-    if backend.XLA and isinstance(rows, int) and rows <= SMALL_ROWS:
-        return ops.transpose(ops.matmul(weight, ops.transpose(x)))
-    return ops.matmul(x, ops.transpose(weight))
 
 
 def einsum_dense(equation: str, output_shape, bias_axes: str | None, name: str, dtype=None,

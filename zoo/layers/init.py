@@ -2,7 +2,7 @@
 
 Building a 1 GB model with random initialisers costs seconds that `from_preset` would throw
 away. Inside `skip_init()` every `Skippable` initialiser returns the backend's cheapest
-placeholder instead (`zoo.backend.placeholder`: untouched zero pages, or uninitialised memory on
+placeholder instead (`zoo.backends.placeholder`: untouched zero pages, or uninitialised memory on
 TensorFlow), the way transformers' `no_init_weights` does. The loader fills every such weight
 (it refuses a checkpoint that leaves one unfilled), and weights a model creates fresh are
 re-initialised after loading.
@@ -13,14 +13,14 @@ import contextvars
 
 import keras
 
-from zoo import backend
+from zoo import backends
 
 _SKIP = contextvars.ContextVar("zoo_skip_init", default=None)  # while skipping: the placeholders to share
 
 
 @contextlib.contextmanager
 def skip_init():
-    """Within this block, `Skippable` initialisers return placeholders (see `backend.placeholder`)."""
+    """Within this block, `Skippable` initialisers return placeholders (see `backends.placeholder`)."""
     token = _SKIP.set({})
     try:
         yield
@@ -40,7 +40,7 @@ class Skippable(keras.initializers.Initializer):
     def __call__(self, shape, dtype=None):
         shared = _SKIP.get()
         if shared is not None:
-            return backend.placeholder(shape, keras.backend.standardize_dtype(dtype), shared)
+            return backends.placeholder(shape, keras.backend.standardize_dtype(dtype), shared)
         return self.initializer(shape, dtype=dtype)
 
     def get_config(self):

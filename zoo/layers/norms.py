@@ -1,14 +1,13 @@
-"""Normalisation: RMS normalisation as Gemma does it (in float32, scaled by (1 + w)), and LayerNorm."""
+"""Normalisation: RMS normalisation as Gemma does it (in float32, scaled by (1 + w)), and LayerNorm's maths."""
 
 import keras
 from keras import ops
 
 from zoo.layers import init
 from zoo.layers.dtypes import cast
-from zoo.layers.tracking import LeanAttributes
 
 
-class RMSNorm(LeanAttributes, keras.layers.Layer):
+class RMSNorm(keras.layers.Layer):
     """x / rms(x) * (1 + weight), computed in float32 and cast back, as the Gemma reference does.
 
     The weight is stored as the offset from one (zeros initialise it to the identity), which is
@@ -29,11 +28,6 @@ class RMSNorm(LeanAttributes, keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "epsilon": self.epsilon}
-
-
-@keras.saving.register_keras_serializable(package="zoo")
-class LayerNorm(LeanAttributes, keras.layers.LayerNormalization):
-    """`keras.layers.LayerNormalization`, lighter to build on TensorFlow (see `zoo.layers.tracking`)."""
 
 
 def layer_norm(x, gamma, beta, epsilon: float, compute_dtype):

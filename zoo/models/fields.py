@@ -8,9 +8,9 @@ file nor the field. Every field that shapes a model goes through here, before an
 import math
 
 from zoo.errors import ConfigError
+from zoo.host import WEIGHT_DTYPES
 
 REQUIRED = object()  # the default of a field that must be present
-WEIGHT_DTYPES = ("float32", "bfloat16", "float16")  # what keras-zoo builds weights in
 
 
 class Fields:

@@ -15,11 +15,32 @@ from zoo.layers import activations
 from zoo.models.fields import Fields, checkpoint_dtype
 
 FULL, SLIDING = "full_attention", "sliding_attention"
-MODEL_TYPES = ("gemma", "gemma2", "gemma3_text")
 ROPE_TYPES = ("default", "linear")
 # Fields that do not change inference maths, written back unchanged.
 PASSTHROUGH = ("initializer_range", "use_cache", "architectures", "attention_dropout", "max_window_layers",
                "transformers_version", "cache_implementation")
+
+
+@dataclass(frozen=True)
+class Family:
+    """What a config.json's `model_type` fixes (transformers' Gemma, Gemma2 and Gemma3 text classes)."""
+
+    architecture: str
+    sandwich_norms: bool  # norms after attention and around the MLP as well
+    qk_norm: bool  # RMS norms on queries and keys
+    global_every: int  # with a sliding window, every n-th layer attends globally, the others slide
+    gemma2_fields: bool  # config.json has sliding_window, soft-capping and query_pre_attn_scalar
+    rope_theta: float  # the default RoPE base
+    local_rope_theta: float | None = None  # sliding layers' own RoPE base by default (None: they share the global one)
+
+
+FAMILIES = {
+    "gemma": Family("GemmaForCausalLM", False, qk_norm=False, global_every=1, gemma2_fields=False, rope_theta=1e4),
+    "gemma2": Family("Gemma2ForCausalLM", True, qk_norm=False, global_every=2, gemma2_fields=True, rope_theta=1e4),
+    "gemma3_text": Family("Gemma3ForCausalLM", True, qk_norm=True, global_every=6, gemma2_fields=True, rope_theta=1e6,
+                          local_rope_theta=1e4),
+}
+MODEL_TYPES = tuple(FAMILIES)
 
 
 @dataclass(frozen=True)
@@ -58,7 +79,9 @@ class GemmaConfig:
     attn_logit_softcapping: float | None = None
     final_logit_softcapping: float | None = None
     sliding_window: int | None = None
-    layer_types: tuple[str, ...] | None = None  # None: derived from model_type
+    layer_types: tuple[str, ...] | None = None  # None: model_type's pattern (Family.global_every)
+    sandwich_norms: bool | None = None  # None: as model_type's family
+    qk_norm: bool | None = None  # None: as model_type's family
     tie_word_embeddings: bool = True
     bos_token_id: int | None = 2
     eos_token_id: tuple[int, ...] = (1,)
@@ -83,11 +106,13 @@ class GemmaConfig:
         if SLIDING in types and not self.sliding_window:
             raise ConfigError("layer_types has sliding_attention layers but sliding_window is not set")
         object.__setattr__(self, "layer_types", tuple(types))
+        for name in ("sandwich_norms", "qk_norm"):  # frozen: set the family's value as dataclasses.replace would see it
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, getattr(FAMILIES[self.model_type], name))
+            fields.flag(name, getattr(self, name))
 
     def _default_layer_types(self) -> tuple[str, ...]:
-        if self.model_type == "gemma" or not self.sliding_window:
-            return (FULL,) * self.num_layers
-        every = 6 if self.model_type == "gemma3_text" else 2  # Gemma 3: 5 local then 1 global
+        every = FAMILIES[self.model_type].global_every if self.sliding_window else 1
         return tuple(SLIDING if (i + 1) % every else FULL for i in range(self.num_layers))
 
     @property
@@ -97,15 +122,6 @@ class GemmaConfig:
     @property
     def attention_scale(self) -> float:
         return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
-
-    @property
-    def sandwich_norms(self) -> bool:
-        """Gemma 2 and 3 normalise after attention and around the MLP as well."""
-        return self.model_type != "gemma"
-
-    @property
-    def qk_norm(self) -> bool:
-        return self.model_type == "gemma3_text"
 
     def num_params(self, with_head: bool = True) -> int:
         """Parameter count of the model this config builds (a tied head counts once), without building it."""
@@ -136,13 +152,14 @@ class GemmaConfig:
         act = get.text("hidden_activation", None) or get.text("hidden_act", None) or "gelu_pytorch_tanh"
         if model_type == "gemma" and act == "gelu":  # as transformers: the official releases meant the tanh form
             act = "gelu_pytorch_tanh"
-        gemma2_on = model_type != "gemma"  # fields Gemma 1 does not have
+        family = FAMILIES[model_type]
+        gemma2_on = family.gemma2_fields
         sliding = get.integer("sliding_window", None) if gemma2_on else None
         layer_types = raw.get("layer_types")
         if layer_types is not None and not isinstance(layer_types, list):
             raise ConfigError(f"{where}: field 'layer_types' should be a list, got {layer_types!r}")
-        if layer_types is None and model_type == "gemma3_text" and sliding:
-            every = get.integer("sliding_window_pattern", 6)
+        if layer_types is None and sliding:
+            every = get.integer("sliding_window_pattern", family.global_every)
             layer_types = [SLIDING if (i + 1) % every else FULL for i in range(layers)]
         eos = _token_ids(raw, "eos_token_id", 1, where)
         return cls(
@@ -157,13 +174,15 @@ class GemmaConfig:
             hidden_act=act,
             max_position_embeddings=get.integer("max_position_embeddings", 8192),
             rms_norm_eps=float(get.number("rms_norm_eps", 1e-6, minimum=0.0)),  # a float: transformers 5 reads no int here
-            rope=_read_rope(raw, model_type, where),
+            rope=_read_rope(raw, family, where),
             attention_bias=get.flag("attention_bias", False),
             query_pre_attn_scalar=get.number("query_pre_attn_scalar", None, positive=True) if gemma2_on else None,
             attn_logit_softcapping=get.number("attn_logit_softcapping", None, positive=True) if gemma2_on else None,
             final_logit_softcapping=get.number("final_logit_softcapping", None, positive=True) if gemma2_on else None,
             sliding_window=sliding,
             layer_types=tuple(layer_types) if layer_types is not None else None,
+            sandwich_norms=family.sandwich_norms,
+            qk_norm=family.qk_norm,
             tie_word_embeddings=get.flag("tie_word_embeddings", True),
             bos_token_id=_token_id(raw, "bos_token_id", 2, where),
             eos_token_id=eos,
@@ -177,9 +196,13 @@ class GemmaConfig:
         )
 
     def to_hf(self) -> dict:
+        family = FAMILIES[self.model_type]
+        if (self.sandwich_norms, self.qk_norm) != (family.sandwich_norms, family.qk_norm):
+            raise ConfigError(f"sandwich_norms={self.sandwich_norms} and qk_norm={self.qk_norm} differ from what a "
+                              f"{self.model_type!r} config.json implies; transformers would build another model")
         v5 = self.extras.get("spelling") == "v5"
         out = {
-            "architectures": self.extras.get("architectures", [_ARCHITECTURES[self.model_type]]),
+            "architectures": self.extras.get("architectures", [family.architecture]),
             "model_type": self.model_type,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
@@ -198,19 +221,16 @@ class GemmaConfig:
             "pad_token_id": self.pad_token_id,
             "dtype" if v5 else "torch_dtype": self.dtype,
         }
-        if self.model_type != "gemma":
+        if family.gemma2_fields:
             out.update(query_pre_attn_scalar=self.query_pre_attn_scalar, sliding_window=self.sliding_window,
                        attn_logit_softcapping=self.attn_logit_softcapping,
                        final_logit_softcapping=self.final_logit_softcapping, layer_types=list(self.layer_types))
-        out.update(_write_rope(self.rope, self.model_type, v5))
+        out.update(_write_rope(self.rope, family, v5))
         out.update({k: v for k, v in self.extras.items() if k in PASSTHROUGH and k != "architectures"})
         return out
 
     def to_source(self) -> dict:
         return self.to_hf()
-
-
-_ARCHITECTURES = {"gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
 
 
 def _is_token_id(value) -> bool:
@@ -244,20 +264,21 @@ def _rope_from(params: dict, default_theta: float, where: str) -> Rope:
     return Rope(float(get.number("rope_theta", default_theta, positive=True)), factor)
 
 
-def _read_rope(raw: dict, model_type: str, where: str) -> dict[str, Rope]:
+def _read_rope(raw: dict, family: Family, where: str) -> dict[str, Rope]:
     params = raw.get("rope_parameters")
     if params is not None and not isinstance(params, dict):
         raise ConfigError(f"{where}: field 'rope_parameters' should be an object, got {params!r}")
-    if model_type == "gemma3_text":
+    full, local = family.rope_theta, family.local_rope_theta
+    if local is not None:  # a RoPE per layer type
         if isinstance(params, dict) and FULL in params:  # transformers 5: one entry per layer type
-            return {FULL: _rope_from(params[FULL], 1e6, where), SLIDING: _rope_from(params.get(SLIDING, {}), 1e4, where)}
-        full = dict(_rope_scaling(raw, where), rope_theta=raw.get("rope_theta", 1e6))
-        return {FULL: _rope_from(full, 1e6, where),
-                SLIDING: _rope_from({"rope_theta": raw.get("rope_local_base_freq", 1e4)}, 1e4, where)}
+            return {FULL: _rope_from(params[FULL], full, where), SLIDING: _rope_from(params.get(SLIDING, {}), local, where)}
+        scaled = dict(_rope_scaling(raw, where), rope_theta=raw.get("rope_theta", full))
+        return {FULL: _rope_from(scaled, full, where),
+                SLIDING: _rope_from({"rope_theta": raw.get("rope_local_base_freq", local)}, local, where)}
     if isinstance(params, dict):
-        rope = _rope_from(params, 1e4, where)
+        rope = _rope_from(params, full, where)
     else:
-        rope = _rope_from(dict(_rope_scaling(raw, where), rope_theta=raw.get("rope_theta", 1e4)), 1e4, where)
+        rope = _rope_from(dict(_rope_scaling(raw, where), rope_theta=raw.get("rope_theta", full)), full, where)
     return {FULL: rope, SLIDING: rope}
 
 
@@ -272,14 +293,14 @@ def _rope_dict(rope: Rope) -> dict:
     return {"rope_type": "default", "rope_theta": rope.theta}
 
 
-def _write_rope(rope: dict[str, Rope], model_type: str, v5: bool) -> dict:
+def _write_rope(rope: dict[str, Rope], family: Family, v5: bool) -> dict:
     if v5:
-        if model_type == "gemma3_text":
+        if family.local_rope_theta is not None:
             return {"rope_parameters": {FULL: _rope_dict(rope[FULL]), SLIDING: _rope_dict(rope[SLIDING])}}
         return {"rope_parameters": _rope_dict(rope[FULL])}
     out = {"rope_theta": rope[FULL].theta}
     if rope[FULL].factor != 1.0:
         out["rope_scaling"] = {"rope_type": "linear", "factor": rope[FULL].factor}
-    if model_type == "gemma3_text":
+    if family.local_rope_theta is not None:
         out["rope_local_base_freq"] = rope[SLIDING].theta
     return out

@@ -5,21 +5,16 @@ g heads per KV head, h head width, f MLP width.
 """
 
 import keras
-import numpy as np
-from keras import ops
 
-from zoo import backend
+from zoo import backends
 from zoo.layers import activations, rotary
-from zoo.layers.dtypes import cast
+from zoo.layers.attention import attention
 from zoo.layers.dense import einsum_dense
 from zoo.layers.norms import RMSNorm
-from zoo.layers.tracking import LeanAttributes
 from zoo.models.gemma.config import GemmaConfig
 
-MASKED = float(np.finfo(np.float32).min)  # a finite "minus infinity", as the reference's masks use
 
-
-class GemmaAttention(LeanAttributes, keras.layers.Layer):
+class GemmaAttention(keras.layers.Layer):
     """Grouped-query attention with rotary positions, optional q/k norms, soft-capping and a KV cache."""
 
     def __init__(self, config: GemmaConfig, **kwargs):
@@ -58,29 +53,18 @@ class GemmaAttention(LeanAttributes, keras.layers.Layer):
         q, k = rotary.apply(q, cos, sin), rotary.apply(k, cos, sin)
         if cache is not None:
             keys, values = cache
-            keys = backend.write_slices(keys, *write_index, k)  # (B, S, k, h)
-            values = backend.write_slices(values, *write_index, v)
+            keys = backends.write_slices(keys, *write_index, k)  # (B, S, k, h)
+            values = backends.write_slices(values, *write_index, v)
             cache = (keys, values)
             if read_cache:  # decoding the first b rows of the cache
                 b = x.shape[0]
                 k, v = (keys, values) if b == keys.shape[0] else (keys[:b], values[:b])
-        return self.o_proj(self._attend(q, k, v, mask)), cache
-
-    def _attend(self, q, k, v, mask):
         c = self.config
-        b, t = ops.shape(q)[0], ops.shape(q)[1]
-        q = ops.reshape(q, (b, t, c.num_kv_heads, c.num_groups, c.head_dim))  # (b, t, k, g, h)
-        scores = ops.einsum("btkgh,bskh->bkgts", q, k) * ops.cast(c.attention_scale, q.dtype)  # (b, k, g, t, s)
-        if c.attn_logit_softcapping:
-            cap = ops.cast(c.attn_logit_softcapping, scores.dtype)
-            scores = ops.tanh(scores / cap) * cap
-        scores = ops.where(mask, cast(scores, "float32"), MASKED)  # mask: (b, 1, 1, t, s)
-        probs = cast(ops.softmax(scores, axis=-1), v.dtype)  # softmax in float32, as the reference
-        out = ops.einsum("bkgts,bskh->btkgh", probs, v)  # (b, t, k, g, h)
-        return ops.reshape(out, (b, t, c.num_heads, c.head_dim))
+        out = attention(q, k, v, c.attention_scale, mask, softcap=c.attn_logit_softcapping)  # (b, t, n, h)
+        return self.o_proj(out), cache
 
 
-class GemmaMLP(LeanAttributes, keras.layers.Layer):
+class GemmaMLP(keras.layers.Layer):
     """down(act(gate(x)) * up(x)), GeGLU with the config's activation (tanh-approximate GELU)."""
 
     def __init__(self, config: GemmaConfig, **kwargs):
@@ -102,7 +86,7 @@ class GemmaMLP(LeanAttributes, keras.layers.Layer):
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))  # (b, t, d)
 
 
-class GemmaDecoderLayer(LeanAttributes, keras.layers.Layer):
+class GemmaDecoderLayer(keras.layers.Layer):
     """Pre-norm attention and MLP blocks; Gemma 2 and 3 also normalise their outputs ("sandwich")."""
 
     def __init__(self, config: GemmaConfig, **kwargs):

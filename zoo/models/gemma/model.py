@@ -10,17 +10,16 @@ goes in and comes out of every call; no layer holds state.
 """
 
 import dataclasses
-import json
 from pathlib import Path
 
 import keras
 from keras import ops
 
-from zoo import backend
-from zoo.errors import ConfigError, GenerationError
-from zoo.generation import GenerationEngine, bucket, samplers
+from zoo import backends, generation
+from zoo.errors import ConfigError
+from zoo.files import read_json, write_json
 from zoo.layers import init, rotary
-from zoo.layers.dense import einsum_dense, matmul_out_in
+from zoo.layers.dense import einsum_dense
 from zoo.layers.norms import RMSNorm
 from zoo.models.base import PresetModel
 from zoo.models.gemma import checkpoint_map
@@ -99,7 +98,7 @@ class GemmaBackbone(PresetModel):
         positions = ops.convert_to_tensor(positions, "int32")
         rows, length = token_ids.shape[0], ops.shape(cache[0])[1]
         key_positions = ops.arange(length, dtype="int32")[None, None, :]  # (1, 1, S)
-        masks = self._masks(positions[:, None, None], key_positions, None)
+        masks = self._masks(positions[:, None, None], key_positions, None)  # (B, 1, S)
         write_index = (ops.arange(rows, dtype="int32"), positions)  # every row, at its own position
         return self._run_layers(self._embed(token_ids), positions[:, None], masks, cache, write_index, read_cache=True)
 
@@ -110,10 +109,7 @@ class GemmaBackbone(PresetModel):
         return x * ops.cast(self.config.hidden_size**0.5, x.dtype)  # the normaliser in the hidden dtype
 
     def _masks(self, query_positions, key_positions, key_valid):
-        """Boolean masks per layer type, (b, 1, 1, t, s) to broadcast over KV heads and groups.
-
-        Causal everywhere, and within the window for sliding layers.
-        """
+        """Boolean masks (b, t, s) per layer type: causal everywhere, and within the window for sliding layers."""
         causal = key_positions <= query_positions
         if key_valid is not None:
             causal = ops.logical_and(causal, key_valid)
@@ -121,7 +117,7 @@ class GemmaBackbone(PresetModel):
         if self.config.sliding_window:
             window = key_positions > query_positions - self.config.sliding_window
             masks[SLIDING] = ops.logical_and(causal, window)
-        return {kind: ops.expand_dims(mask, (1, 2)) for kind, mask in masks.items()}
+        return masks
 
     def _run_layers(self, x, positions, masks, cache=None, write_index=None, read_cache=False):
         rope = {kind: rotary.cos_sin(positions, inv, x.dtype) for kind, inv in self.inv_freq.items()}
@@ -191,10 +187,6 @@ class GemmaCausalLM(PresetModel):
             self.lm_head.build((None, None, config.hidden_size))
         self.tokenizer = tokenizer
         self.stop_token_ids = frozenset(stop_token_ids if stop_token_ids is not None else config.eos_token_id)
-        self.torch_mode = "trace"
-        self._compiled = {}
-        self._compiled_for = None  # the weights_signature the compiled steps were made for
-        self._engines = {}
         self.built = True
 
     def call(self, token_ids, padding_mask=None):
@@ -207,7 +199,7 @@ class GemmaCausalLM(PresetModel):
         else:
             embeddings = ops.cast(self.backbone.embed_tokens.embeddings, hidden.dtype)  # tied to the embedding
             if len(hidden.shape) == 2:  # the engine's steps: one hidden state per sequence
-                logits = matmul_out_in(hidden, embeddings)
+                logits = backends.matmul_out_in(hidden, embeddings)
             else:
                 logits = ops.einsum("...d,vd->...v", hidden, embeddings)
         if self.config.final_logit_softcapping:
@@ -215,81 +207,30 @@ class GemmaCausalLM(PresetModel):
             logits = ops.tanh(logits / cap) * cap
         return logits
 
-    # ------------------------------------------------------------------ the engine's two steps
+    # ------------------------------------------------------------------ what the generation engine runs
 
-    def prefill_step(self, token_ids, lengths, slots, cache):
-        """Right-padded prompts -> float32 logits at each prompt's last token (p, vocab), and the cache."""
+    def prefill(self, token_ids, lengths, slots, cache):
+        """Right-padded prompts (p, T) -> float32 logits at each prompt's last token (p, vocab), and the cache
+        with their keys and values written into rows `slots`."""
         hidden, cache = self.backbone.prefill(token_ids, slots, cache)
         last = ops.convert_to_tensor(lengths, "int32") - 1
         hidden = ops.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]  # (p, d)
         return ops.cast(self.logits(hidden), "float32"), cache
 
-    def decode_step(self, token_ids, positions, cache):
-        """One token per cache row -> float32 logits (rows, vocab), and the cache."""
+    def decode(self, token_ids, positions, cache):
+        """One token per cache row (B, 1) at `positions` (B,) -> float32 logits (B, vocab), and the cache."""
         hidden, cache = self.backbone.decode(token_ids, positions, cache)
         return ops.cast(self.logits(hidden[:, 0]), "float32"), cache
 
-    def compiled_steps(self, refresh: bool = False):
-        """(prefill, decode), compiled once per backend (and PyTorch mode) and shared by every engine.
-
-        `self.torch_mode` picks PyTorch's path: "trace" (default), "eager" or "compile". With
-        `refresh`, steps compiled before the set of weights changed (`enable_lora` adds adapters)
-        are dropped: they would go on computing without the new weights. Engines refresh once
-        per `run` and `warm_up`, not on every step (listing the weights costs ~0.5 ms).
-        """
-        if refresh:
-            signature = backend.weights_signature(self)
-            if signature != self._compiled_for:
-                self._compiled, self._compiled_for = {}, signature
-        if self.torch_mode not in self._compiled:
-            self._compiled[self.torch_mode] = (
-                backend.compile_step(self, self.prefill_step, cache_arg=3, torch_mode=self.torch_mode),
-                backend.compile_step(self, self.decode_step, cache_arg=2, torch_mode=self.torch_mode),
-            )
-        return self._compiled[self.torch_mode]
+    def empty_cache(self, rows: int, length: int) -> tuple:
+        """A zeroed KV cache of `rows` sequences of up to `length` positions."""
+        return self.backbone.empty_cache(rows, length)
 
     # ------------------------------------------------------------------ generation
 
     def engine(self, rows: int, length: int):
         """A GenerationEngine over `rows` slots of `length` positions (reused while its shape is asked for)."""
-        key = (rows, length)
-        if key not in self._engines:
-            if len(self._engines) >= 4:
-                self._engines.pop(next(iter(self._engines)))
-            self._engines[key] = GenerationEngine(self, rows, length)
-        return self._engines[key]
-
-    def _requests(self, prompts, max_new_tokens, sampler, stop, max_batch, chat, sampler_overrides):
-        if self.tokenizer is None:
-            raise ConfigError("this model has no tokenizer; load a preset with tokenizer.json or tokenizer.model")
-        if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
-            raise GenerationError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-        if not isinstance(max_batch, int) or max_batch <= 0:
-            raise GenerationError(f"max_batch must be a positive int, got {max_batch!r}")
-        chosen = samplers.get(sampler, **sampler_overrides)
-        stops = [stop] if isinstance(stop, (str, int)) else list(stop or ())
-        if not all((isinstance(s, str) and s) or (isinstance(s, int) and not isinstance(s, bool) and s >= 0)
-                   for s in stops):
-            raise GenerationError(f"stop must hold stop strings (non-empty) and/or token ids (ints >= 0), got {stop!r}")
-        stop_strings = [s for s in stops if isinstance(s, str)]
-        stop_ids = self.stop_token_ids | {s for s in stops if isinstance(s, int)}
-        prompt_ids = [self._encode(p, chat) for p in prompts]
-        longest = max(len(ids) for ids in prompt_ids)
-        limit = self.config.max_position_embeddings
-        if longest >= limit:
-            raise GenerationError(f"the prompt has {longest} tokens; the model's maximum is {limit} positions")
-        rows = bucket(len(prompts), max_batch) if len(prompts) > 1 else 1
-        engine = self.engine(rows, bucket(longest + max_new_tokens, limit))
-        return engine, [engine.submit(ids, max_new_tokens, chosen, stop_ids, stop_strings) for ids in prompt_ids]
-
-    def _encode(self, prompt, chat: bool) -> list[int]:
-        if not isinstance(prompt, str):
-            raise GenerationError(f"a prompt must be a string, got {type(prompt).__name__}")
-        if not prompt:
-            raise GenerationError("the prompt is empty; give some text to continue")
-        if chat:
-            return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True)
-        return self.tokenizer.encode(prompt)
+        return generation.engine(self, rows, length)
 
     def generate(self, prompt, max_new_tokens: int = 64, sampler="greedy", stop=None, *, temperature=None,
                  top_k=None, top_p=None, seed=None, max_batch: int = 8, chat: bool = False):
@@ -304,31 +245,14 @@ class GemmaCausalLM(PresetModel):
             max_batch: the most prompts decoded together.
             chat: wrap each prompt as a user turn with the tokenizer's chat template.
         """
-        if not isinstance(prompt, (str, list, tuple)):
-            raise GenerationError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}")
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts:
-            raise GenerationError("no prompts given")
-        engine, requests = self._requests(prompts, max_new_tokens, sampler, stop, max_batch, chat,
-                                          dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed))
-        for _ in engine.run(requests):
-            pass
-        texts = [r.text for r in requests]
-        return texts[0] if isinstance(prompt, str) else texts
+        return generation.generate(self, prompt, max_new_tokens, sampler, stop, temperature=temperature, top_k=top_k,
+                                   top_p=top_p, seed=seed, max_batch=max_batch, chat=chat)
 
     def stream(self, prompt: str, max_new_tokens: int = 64, sampler="greedy", stop=None, *, temperature=None,
                top_k=None, top_p=None, seed=None, chat: bool = False):
         """Yields text pieces as tokens are made; the pieces join to what `generate` returns."""
-        engine, (request,) = self._requests([prompt], max_new_tokens, sampler, stop, 1, chat,
-                                            dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed))
-        try:
-            for event in engine.run([request]):
-                if event.text:
-                    yield event.text
-        finally:
-            if not request.finished:
-                engine.cancel(request)
-                engine.step()
+        return generation.stream(self, prompt, max_new_tokens, sampler, stop, temperature=temperature, top_k=top_k,
+                                 top_p=top_p, seed=seed, chat=chat)
 
     # ------------------------------------------------------------------ presets
 
@@ -346,12 +270,8 @@ class GemmaCausalLM(PresetModel):
                     f"{config.vocab_size}; the tokenizer files do not belong to this checkpoint"
                 )
         stop = set(config.eos_token_id)
-        generation_config = folder / "generation_config.json"
-        if generation_config.is_file():
-            try:
-                eos = json.loads(generation_config.read_text()).get("eos_token_id")
-            except ValueError as e:
-                raise ConfigError(f"{generation_config}: not valid JSON: {e}") from e
+        if (folder / "generation_config.json").is_file():
+            eos = read_json(folder / "generation_config.json").get("eos_token_id")
             stop |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             stop.add(tokenizer.eos_token_id)
@@ -362,7 +282,7 @@ class GemmaCausalLM(PresetModel):
             self.tokenizer.save(folder)
         generation = {"bos_token_id": self.config.bos_token_id, "eos_token_id": sorted(self.stop_token_ids),
                       "pad_token_id": self.config.pad_token_id}
-        (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        write_json(folder / "generation_config.json", generation)
 
     def get_config(self):
         return {"config": _config_to_dict(self.config), "stop_token_ids": sorted(self.stop_token_ids),

@@ -84,13 +84,6 @@ def _with_prefix(rows: list[Row], source: str, target: str) -> list[Row]:
     return [Row(source + r.source, tgt(r.target), r.transform) for r in rows]
 
 
-def is_bare_backbone(config: ViTConfig) -> bool:
-    """A checkpoint of the encoder alone: HF `ViTModel` (no `vit.` prefix) or timm with num_classes 0."""
-    if config.source_format == "timm":
-        return config.num_labels == 0
-    return config.extras.get("architectures") == ["ViTModel"]
-
-
 def rows(config: ViTConfig, layout: str, target_prefix: str = "", head: bool = False) -> list[Row]:
     """The key map of a backbone (target_prefix "") or a classifier's backbone ("backbone/").
 
@@ -111,8 +104,8 @@ def rows(config: ViTConfig, layout: str, target_prefix: str = "", head: bool = F
         head_rows, source_prefix = _TIMM_HEAD, ""
     else:
         backbone = _HF_BACKBONE + [Row(name, None) for name in _HF_UNUSED]
-        head_rows, source_prefix = _HF_HEAD, ("" if is_bare_backbone(config) else "vit.")
-    if is_bare_backbone(config):
+        head_rows, source_prefix = _HF_HEAD, ("" if config.headless else "vit.")  # ViTModel: no "vit." prefix
+    if config.headless:
         return _with_prefix(backbone, source_prefix, target_prefix)
     return _with_prefix(backbone, source_prefix, target_prefix) + (
         head_rows if head else [Row(r.source, None) for r in head_rows]

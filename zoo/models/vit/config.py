@@ -74,6 +74,8 @@ class ViTConfig:
     pre_norm: bool = False  # a LayerNorm on the embeddings before the blocks; no patch bias then [pre_norm]
     final_norm: str | None = None  # "tokens", "pooled" or "none"; None: "pooled" for avg pooling [fc_norm, final_norm]
     gated_mlp: bool = False  # fc2(act(gate_proj(x)) * up_proj(x)), gate and up packed in timm's fc1 [mlp_layer]
+    antialias_positions: bool = False  # resample position embeddings antialiased (timm's resample_abs_pos_embed)
+    headless: bool = False  # the checkpoint is the encoder alone: HF's ViTModel, timm's num_classes 0
     dtype: str = "float32"  # the checkpoint's own dtype
     source_format: str = "hf"  # "hf" or "timm": the config.json layout to write back
     extras: dict[str, Any] = field(default_factory=dict, compare=False)  # fields written back unchanged
@@ -103,6 +105,8 @@ class ViTConfig:
         fields.flag("prefix_positions")
         fields.flag("pre_norm")
         fields.flag("gated_mlp")
+        fields.flag("antialias_positions")
+        fields.flag("headless")
         fields.integer("register_tokens", minimum=0)
         fields.number("layer_scale", None)
         if self.pooling == "token" and not self.class_token:
@@ -204,6 +208,7 @@ class ViTConfig:
             qkv_bias=get.flag("qkv_bias", True),
             num_labels=get.integer("num_labels", len(labels) or 2, minimum=0),
             id2label=labels,
+            headless=raw.get("architectures") == ["ViTModel"],
             dtype=checkpoint_dtype(raw, where),
             source_format="hf",
             extras={k: raw[k] for k in (*HF_PASSTHROUGH, "architectures", "torch_dtype") if k in raw},
@@ -217,7 +222,7 @@ class ViTConfig:
             )
         labels = self.labels
         out = {
-            "architectures": self.extras.get("architectures", ["ViTForImageClassification"]),
+            "architectures": ["ViTModel"] if self.headless else self._hf_architectures(),
             "model_type": "vit",
             "hidden_size": self.hidden_size,
             "num_hidden_layers": self.num_layers,
@@ -238,6 +243,10 @@ class ViTConfig:
         out.update({k: v for k, v in self.extras.items() if k in HF_PASSTHROUGH})
         out["torch_dtype" if "torch_dtype" in self.extras else "dtype"] = self.dtype
         return out
+
+    def _hf_architectures(self) -> list:
+        kept = self.extras.get("architectures")
+        return kept if kept and kept != ["ViTModel"] else ["ViTForImageClassification"]
 
     # ------------------------------------------------------------------ timm
 
@@ -271,6 +280,7 @@ class ViTConfig:
         if mlp_layer not in TIMM_MLPS:
             raise ConfigError(f"{where}: mlp_layer {mlp_layer!r} is not supported (expected one of {list(TIMM_MLPS)})")
         gated, fc1 = TIMM_MLPS[mlp_layer], int(width * model.number("mlp_ratio", 4.0, minimum=0.0))  # as timm's Mlp
+        num_classes = get.integer("num_classes", pretrained.integer("num_classes", 1000, minimum=0), minimum=0)
         if gated and fc1 % 2:
             raise ConfigError(f"{where}: a gated MLP packs gate and up in fc1, whose {fc1} outputs "
                               f"(embed_dim x mlp_ratio) do not split in two")
@@ -285,7 +295,7 @@ class ViTConfig:
             patch_size=model.pair("patch_size", 16),  # timm's default, which two TinyCLIP names rely on
             num_channels=model.integer("in_chans", input_size[0]),
             qkv_bias=model.flag("qkv_bias", True),
-            num_labels=get.integer("num_classes", pretrained.integer("num_classes", 1000, minimum=0), minimum=0),
+            num_labels=num_classes,
             id2label=_timm_labels(get),
             pooling=pooling,
             class_token=model.flag("class_token", True),
@@ -295,6 +305,8 @@ class ViTConfig:
             pre_norm=model.flag("pre_norm", False),
             final_norm=final_norm,
             gated_mlp=gated,
+            antialias_positions=True,
+            headless=num_classes == 0,
             dtype="float32",
             source_format="timm",
             extras={"architecture": arch, "pretrained_cfg": pretrained.raw, "model_args": args,
@@ -314,6 +326,8 @@ class ViTConfig:
         }
 
     def to_timm(self) -> dict:
+        if self.headless and self.num_labels:  # timm's encoder alone has no classes
+            return self.replace(num_labels=0, id2label=()).to_timm()
         if self.hidden_act not in TIMM_ACTIVATIONS:
             raise ConfigError(f"hidden_act {self.hidden_act!r} has no timm equivalent (expected one of {TIMM_ACTIVATIONS})")
         pretrained = dict(self.extras.get("pretrained_cfg", {}))

@@ -5,21 +5,21 @@ import functools
 import keras
 from keras import ops
 
-from zoo import backend
 from zoo.errors import ImageError
 from zoo.layers import activations, init
+from zoo.layers.attention import attention
 from zoo.layers.dense import einsum_dense, linear
 from zoo.layers.interpolate import bicubic_grid_matrix
-from zoo.layers.norms import LayerNorm, layer_norm
-from zoo.layers.tracking import LeanAttributes
+from zoo.layers.norms import layer_norm
 from zoo.models.vit.config import ViTConfig
 
 
-def layer_norm_layer(eps: float, name: str, dtype) -> LayerNorm:
-    return LayerNorm(epsilon=eps, gamma_initializer=init.ones(), beta_initializer=init.zeros(), name=name, dtype=dtype)
+def layer_norm_layer(eps: float, name: str, dtype) -> keras.layers.LayerNormalization:
+    return keras.layers.LayerNormalization(epsilon=eps, gamma_initializer=init.ones(), beta_initializer=init.zeros(),
+                                           name=name, dtype=dtype)
 
 
-class ViTEmbeddings(LeanAttributes, keras.layers.Layer):
+class ViTEmbeddings(keras.layers.Layer):
     """Patches -> tokens, with the [CLS] and register tokens in front, plus (possibly resampled) position embeddings.
 
     Position embeddings cover the front tokens too unless `config.prefix_positions` is false
@@ -39,7 +39,7 @@ class ViTEmbeddings(LeanAttributes, keras.layers.Layer):
         # Resample only when the grid changes, as transformers' interpolate_pos_encoding (bicubic) and
         # timm's resample_abs_pos_embed (bicubic, antialiased) do.
         self.resample = None if grid == config.grid_size else bicubic_grid_matrix(
-            config.grid_size, grid, antialias=config.source_format == "timm")
+            config.grid_size, grid, antialias=config.antialias_positions)
         self.cls_token = self.register_tokens = None
 
     def build(self, input_shape):
@@ -80,7 +80,7 @@ class ViTEmbeddings(LeanAttributes, keras.layers.Layer):
         return self.dropout(x, training=training) if self.dropout is not None else x
 
 
-class ViTLayer(LeanAttributes, keras.layers.Layer):
+class ViTLayer(keras.layers.Layer):
     """Pre-norm encoder block: x + attn(norm(x)), then x + mlp(norm(x)).
 
     The MLP is fc2(act(fc1(x))), or with `config.gated_mlp` fc2(act(gate_proj(x)) * up_proj(x))
@@ -139,12 +139,7 @@ class ViTLayer(LeanAttributes, keras.layers.Layer):
 
     def _attention(self, x, training):
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (b, t, n, h) each
-        if training and self.attention_dropout is not None:
-            scores = ops.einsum("btnh,bsnh->bnts", q, k) * self.head_dim**-0.5  # (b, n, t, s)
-            probs = self.attention_dropout(ops.softmax(scores, axis=-1), training=True)
-            out = ops.einsum("bnts,bsnh->btnh", probs, v)  # (b, t, n, h)
-        else:
-            out = backend.attention(q, k, v, self.head_dim**-0.5)  # (b, t, n, h)
+        out = attention(q, k, v, self.head_dim**-0.5, dropout=self.attention_dropout, training=training)  # (b, t, n, h)
         return self.o_proj(out)  # (b, t, d)
 
     def _mlp(self, x):
@@ -158,7 +153,7 @@ class ViTLayer(LeanAttributes, keras.layers.Layer):
         return x + self._branch(self._mlp(normed), self.layerscale_2, training)
 
 
-class ViTAttentionPool(LeanAttributes, keras.layers.Layer):
+class ViTAttentionPool(keras.layers.Layer):
     """timm's AttentionPoolLatent (`global_pool='map'`, SigLIP's head): tokens (b, s, d) -> one vector (b, d).
 
     A learned query (`latent`) attends over the tokens; the result, projected, gets a residual
@@ -197,6 +192,6 @@ class ViTAttentionPool(LeanAttributes, keras.layers.Layer):
         b = ops.shape(x)[0]
         q = self.q_proj(ops.cast(self.latent, x.dtype))  # (1, 1, n, h)
         q = ops.broadcast_to(q, (b, 1, self.num_heads, self.head_dim))  # (b, 1, n, h)
-        out = self.o_proj(backend.attention(q, self.k_proj(x), self.v_proj(x), self.head_dim**-0.5))  # (b, 1, d)
+        out = self.o_proj(attention(q, self.k_proj(x), self.v_proj(x), self.head_dim**-0.5))  # (b, 1, d)
         normed = layer_norm(out, self.norm_gamma, self.norm_beta, self.epsilon, self.compute_dtype)
         return (out + self.fc2(self.fc1(normed)))[:, 0]  # (b, d)

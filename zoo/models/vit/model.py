@@ -1,15 +1,14 @@
 """ViTBackbone (patch tokens -> hidden states) and ViTImageClassifier (images -> label logits)."""
 
 import dataclasses
-import json
 from pathlib import Path
 
 import keras
 import numpy as np
 from keras import ops
 
-from zoo import backend
 from zoo.errors import ConfigError
+from zoo.files import read_json, write_json
 from zoo.layers.dense import linear
 from zoo.models.base import PresetModel
 from zoo.models.vit import checkpoint_map
@@ -60,7 +59,6 @@ class ViTBackbone(PresetModel):
         self.layernorm = layer_norm_layer(config.layer_norm_eps, "layernorm", dt) if config.final_norm != "none" else None
         self.attn_pool = ViTAttentionPool(config, name="attn_pool", dtype=dt) if config.pooling == "map" else None
         self.build((None, *self.image_size, config.num_channels))
-        backend.set_predict_compiler(self)
 
     def build(self, input_shape):
         self.embeddings.build(input_shape)
@@ -97,9 +95,7 @@ class ViTBackbone(PresetModel):
 
     def _export_config(self) -> ViTConfig:
         """A backbone saves as the encoder alone: HF `ViTModel`, or timm with `num_classes` 0."""
-        if self.config.source_format == "timm":
-            return self.config.replace(num_labels=0, id2label=())
-        return self.config.replace(extras={**self.config.extras, "architectures": ["ViTModel"]})
+        return self.config.replace(headless=True)
 
     def get_config(self):
         return {"config": dataclasses.asdict(self.config), "image_size": self.image_size,
@@ -137,7 +133,6 @@ class ViTImageClassifier(PresetModel):
         self.preprocessor = preprocessor or _default_preprocessor(config, self.backbone.image_size)
         self.fresh_head = False
         self.built = True
-        backend.set_predict_compiler(self)
 
     def call(self, pixel_values, training=False):
         hidden = self.backbone(pixel_values, training=training)  # (b, t, d)
@@ -154,7 +149,8 @@ class ViTImageClassifier(PresetModel):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         pixels = self.preprocess(images)
         logits = np.concatenate([
-            backend.to_numpy(self.predict_on_batch(pixels[i:i + batch_size])) for i in range(0, len(pixels), batch_size)
+            ops.convert_to_numpy(self.predict_on_batch(pixels[i:i + batch_size]))
+            for i in range(0, len(pixels), batch_size)
         ])
         probs = _softmax(logits.astype(np.float64))
         labels = self.config.labels
@@ -170,7 +166,7 @@ class ViTImageClassifier(PresetModel):
     @classmethod
     def _from_folder(cls, config, folder: Path, dtype: str, num_labels: int | None = None, labels=None, **kwargs):
         fresh = (num_labels is not None and num_labels != config.num_labels) or labels is not None
-        if checkpoint_map.is_bare_backbone(config) and not fresh:
+        if config.headless and not fresh:
             raise ConfigError(
                 f"{folder}: this checkpoint is a ViT encoder without a classification head; "
                 "pass num_labels= or labels= to ViTImageClassifier.from_preset to start a new head"
@@ -195,11 +191,12 @@ class ViTImageClassifier(PresetModel):
             for variable, initializer in ((self.classifier.kernel, self.classifier.kernel_initializer),
                                           (self.classifier.bias, self.classifier.bias_initializer)):
                 variable.assign(initializer.initializer(variable.shape, dtype=variable.dtype))
+            self.config = self.config.replace(headless=False)  # the checkpoint had no head; the model now has one
         self.fresh_head = False  # loaded: from here on the head is part of the model, and `save_preset` writes it
 
     def _save_extras(self, folder: Path):
         if self.config.source_format == "hf":
-            (folder / PREPROCESSOR_FILE).write_text(json.dumps(self.preprocessor.to_hf(), indent=2) + "\n")
+            write_json(folder / PREPROCESSOR_FILE, self.preprocessor.to_hf())
 
     def get_config(self):
         return {"config": dataclasses.asdict(self.config), "preprocessor": dataclasses.asdict(self.preprocessor),
@@ -232,11 +229,7 @@ def _read_preprocessor(config: ViTConfig, folder: Path, image_size) -> ImagePrep
     path = folder / PREPROCESSOR_FILE
     size = resolution(image_size, config.image_size)
     if config.source_format == "hf" and path.is_file():
-        try:
-            raw = json.loads(path.read_text())
-        except ValueError as e:
-            raise ConfigError(f"{path}: not valid JSON: {e}") from e
-        pre = ImagePreprocessor.from_hf(raw, config.num_channels)
+        pre = ImagePreprocessor.from_hf(read_json(path), config.num_channels)
         if image_size is not None:
             pre = dataclasses.replace(pre, size=size, shortest_edge=None, crop_size=None)
         return pre

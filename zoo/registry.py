@@ -1,14 +1,15 @@
 """Which architecture and layout a `config.json` describes.
 
 Hugging Face configs name a `model_type`; timm configs name an `architecture` whose first
-word is the family. Each family registers its formats here as data.
+word is the family. Each model family (`zoo.models.*`) registers its formats here as data; the
+loader and the preset cards look them up. It imports nothing above the errors.
 """
 
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from zoo.errors import UnknownArchitectureError
+from zoo.errors import ConfigError, UnknownArchitectureError
 
 
 @dataclass(frozen=True)
@@ -18,7 +19,7 @@ class Format:
     family: str  # "vit", "gemma"
     layout: str  # "hf" or "timm"
     read_config: Callable[[dict], object]
-    task: str  # name of the default task class in `zoo`
+    task: type  # the default task class (ViTImageClassifier, GemmaCausalLM)
 
 
 HF_MODEL_TYPES: dict[str, Format] = {}
@@ -36,6 +37,8 @@ def register_timm(prefix: str, fmt: Format) -> None:
 def detect(raw: dict, where: Path | str = "config.json") -> Format:
     """The format a parsed config.json describes, or an error naming the field and the known values."""
     if "model_type" in raw:
+        if not isinstance(raw["model_type"], str):
+            raise ConfigError(f"{where}: field 'model_type' should be a string, got {raw['model_type']!r}")
         fmt = HF_MODEL_TYPES.get(raw["model_type"])
         if fmt is None:
             raise UnknownArchitectureError(

@@ -1,0 +1,131 @@
+"""OpenAI's request and error formats: the fields each route takes, checked one by one, and errors as OpenAI's JSON.
+
+Every error the server returns is an `APIError`: `{"error": {"message", "type", "param", "code"}}`.
+"""
+
+import base64
+import binascii
+import io
+
+from starlette.responses import JSONResponse
+
+from zoo.generation import Sampler
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers or {}
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+def field(body: dict, name: str, kinds, default=None, required=False, check=None, message=""):
+    if name not in body or body[name] is None:
+        if required:
+            raise APIError(400, f"'{name}' is a required property", param=name, code="missing_required_parameter")
+        return default
+    value = body[name]
+    if isinstance(value, bool) and bool not in (kinds if isinstance(kinds, tuple) else (kinds,)):
+        raise APIError(400, f"'{name}' must be {message or kinds}, got {value!r}", param=name, code="invalid_type")
+    if not isinstance(value, kinds) or (check is not None and not check(value)):
+        raise APIError(400, f"'{name}' must be {message}, got {value!r}", param=name, code="invalid_value")
+    return value
+
+
+# top_k and ignore_eos are vLLM's extensions to OpenAI's parameters.
+COMMON_FIELDS = {"model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "stop", "seed", "n",
+                 "stream", "stream_options", "user", "logprobs", "presence_penalty", "frequency_penalty", "ignore_eos"}
+COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "echo", "best_of", "suffix"}
+CHAT_FIELDS = COMMON_FIELDS | {"messages", "top_logprobs", "response_format", "tools", "tool_choice"}
+
+
+PROMPT_FORMS = "a string, a list of token ids, or a list holding one of those (one prompt per request)"
+
+
+def completion_prompt(body: dict, tokenizer) -> list[int]:
+    """The token ids of OpenAI's `prompt`: text, or token ids taken as they are (as OpenAI and vLLM do;
+    the engine refuses ids outside the model's vocabulary)."""
+    prompt = field(body, "prompt", (str, list), required=True, message=PROMPT_FORMS)
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # the batch form, with one prompt
+    if not prompt:
+        raise APIError(400, "'prompt' is empty", param="prompt")
+    if isinstance(prompt, str):
+        return tokenizer.encode(prompt)
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        raise APIError(400, f"'prompt' must be {PROMPT_FORMS}, got {body['prompt']!r:.200}", param="prompt",
+                       code="invalid_type")
+    return list(prompt)
+
+
+def sampling(body: dict, allowed: set[str], limit: int) -> dict:
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise APIError(400, f"Unrecognized request argument supplied: {', '.join(unknown)}", param=unknown[0],
+                       code="unknown_parameter")
+    for name, neutral in (("logprobs", (None, False, 0)), ("echo", (None, False)), ("presence_penalty", (None, 0, 0.0)),
+                          ("frequency_penalty", (None, 0, 0.0)), ("best_of", (None, 1)), ("suffix", (None, "")),
+                          ("tools", (None, [])), ("top_logprobs", (None, 0))):
+        if body.get(name) not in neutral:
+            raise APIError(400, f"'{name}' is not supported by this server", param=name, code="unsupported_parameter")
+    if body.get("response_format") not in (None, {"type": "text"}):
+        raise APIError(400, "only response_format {'type': 'text'} is supported", param="response_format")
+    n = field(body, "n", int, 1, check=lambda v: v == 1, message="1 (one choice per request)")
+    max_tokens = field(body, "max_completion_tokens", int, None, check=lambda v: v > 0, message="a positive integer")
+    max_tokens = field(body, "max_tokens", int, max_tokens or 16, check=lambda v: v > 0, message="a positive integer")
+    if max_tokens > limit:
+        raise APIError(400, f"'max_tokens' is {max_tokens}; this server allows at most {limit}", param="max_tokens")
+    temperature = field(body, "temperature", (int, float), 1.0, check=lambda v: 0 <= v <= 2, message="in [0, 2]")
+    top_p = field(body, "top_p", (int, float), 1.0, check=lambda v: 0 < v <= 1, message="in (0, 1]")
+    top_k = field(body, "top_k", int, 0, check=lambda v: v >= 0 or v == -1, message="an integer >= 0 (or -1)")
+    seed = field(body, "seed", int, None, message="an integer")
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is not None and (not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop)):
+        raise APIError(400, f"'stop' must be a string or a list of at most 4 non-empty strings, got {stop!r}", param="stop")
+    stream = field(body, "stream", bool, False, message="a boolean")
+    ignore_eos = field(body, "ignore_eos", bool, False, message="a boolean")
+    options = field(body, "stream_options", dict, {}, message="an object")
+    del n
+    return dict(max_tokens=max_tokens, sampler=Sampler(temperature=float(temperature), top_p=float(top_p),
+                                                      top_k=max(top_k, 0), seed=seed),
+                stop=stop or [], stream=stream, include_usage=bool(options.get("include_usage")), ignore_eos=ignore_eos)
+
+
+def base64_images(body: dict) -> list[bytes]:
+    """The image files of a JSON classification request: `images` (or one `image`), base64 or data URLs."""
+    unknown = sorted(set(body) - {"model", "images", "image", "top_k"})
+    if unknown:
+        raise APIError(400, f"Unrecognized request argument supplied: {', '.join(unknown)}", param=unknown[0])
+    images = body.get("images", [body["image"]] if "image" in body else None)
+    if not isinstance(images, list) or not images or not all(isinstance(i, str) for i in images):
+        raise APIError(400, "'images' must be a non-empty list of base64-encoded image files", param="images")
+    blobs = []
+    for i, data in enumerate(images):
+        try:
+            blobs.append(base64.b64decode(data.split(",", 1)[-1] if data.startswith("data:") else data, validate=True))
+        except (binascii.Error, ValueError):
+            raise APIError(400, f"images[{i}] is not valid base64", param="images") from None
+    return blobs
+
+
+def decode_image(blob: bytes, index: int):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        image = Image.open(io.BytesIO(blob))
+        image.load()
+        return image
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise APIError(400, f"images[{index}] cannot be decoded as an image: {e}", param="images") from None
+
+
+def usage(ticket) -> dict:
+    prompt, completion = len(ticket.request.prompt_ids), len(ticket.request.tokens)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}

@@ -1,0 +1,214 @@
+"""PyTorch: TorchScript traces of the steps and of `predict`, SDPA and `F.linear`, weights backed by the file's mapping."""
+
+import contextlib
+import functools
+import warnings
+
+import keras
+import ml_dtypes
+import numpy as np
+import torch
+from keras import utils
+from safetensors import safe_open
+
+COMPILER = "torch.jit.trace"
+MAX_TRACES = 8  # input shapes kept traced per compiled callable (a generation engine needs a handful)
+
+
+@functools.cache
+def device() -> str:
+    kind = keras.ops.zeros(()).device.type  # where Keras puts new tensors
+    return "gpu" if kind == "cuda" else kind
+
+
+def _tensors(*xs):
+    return (keras.ops.convert_to_tensor(x) for x in xs)
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+def small_row_products() -> bool:
+    return False
+
+
+def matmul_out_in(x, weight):
+    return keras.ops.matmul(x, keras.ops.transpose(weight))
+
+
+def linear(x, weight, bias):
+    # One addmm, as transformers' nn.Linear: the bias rides in the GEMM instead of a separate
+    # add over the whole output (~0.25 s of a 2.4 s ViT-B/16 forward pass at batch 8 on 2 cores).
+    return torch.nn.functional.linear(*_tensors(x, weight, bias))
+
+
+def gelu(x):
+    return keras.ops.gelu(x, approximate=False)  # one kernel
+
+
+def sdpa(q, k, v, scale: float, mask=None):
+    """(b, t, n, h) queries over (b, s, k, h) keys and values (k divides n), mask (b, t, s) -> (b, t, n, h).
+
+    Keras' dot_product_attention copies q, k and v into contiguous (b, n, t, h) buffers before
+    SDPA on a CPU; SDPA reads the transposed views as they are (as transformers calls it).
+    """
+    q, k, v = (t.transpose(1, 2) for t in _tensors(q, k, v))  # (b, n, t, h), (b, k, s, h)
+    if mask is not None:
+        mask = keras.ops.convert_to_tensor(mask)[:, None]  # (b, 1, t, s)
+    grouped = {"enable_gqa": True} if int(k.shape[1]) != int(q.shape[1]) else {}  # ints: a trace sees sizes as tensors
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, **grouped)
+    return out.transpose(1, 2)  # (b, t, n, h)
+
+
+# SDPA picks the device's fastest kernel (flash or memory-efficient on a GPU). On a CPU, masked
+# attention keeps the reference path: a decode step of benchmarks/generate.py's Gemma is no faster
+# through SDPA, and the bundled presets' outputs are pinned to it (tests/test_bundled_pins.py).
+ATTENTION = {"cpu": {"plain": "sdpa", "masked": "reference"},
+             "gpu": {"plain": "sdpa", "masked": "sdpa"},
+             "mps": {"plain": "sdpa", "masked": "reference"}}
+
+
+def attention_kernels() -> dict:
+    return {"sdpa": sdpa}
+
+
+def write_slices(cache, rows, starts, updates):
+    """cache (B, S, ...) with cache[rows[i], starts[i] : starts[i] + T] = updates[i]: one in-place
+    indexed assignment (the generation engine owns the preallocated buffer)."""
+    if updates.shape[1] == 1:  # decoding: one position per row
+        cache[rows, starts] = updates[:, 0]
+    else:
+        span = starts[:, None] + torch.arange(updates.shape[1], device=cache.device)[None, :]  # (N, T)
+        cache[rows[:, None], span] = updates
+    return cache
+
+
+# ----------------------------------------------------------------------------- compiled steps
+
+
+@contextlib.contextmanager
+def _frozen(model):
+    """Weights that do not require gradients, so tracing can record them (by reference)."""
+    params = [v.value for v in model.variables]
+    flags = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        with torch.no_grad():
+            yield
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+
+
+def _as_tensor(a):
+    if isinstance(a, (tuple, list)):
+        return tuple(_as_tensor(x) for x in a)
+    return a if isinstance(a, torch.Tensor) else torch.as_tensor(np.asarray(a))
+
+
+def _shape_key(a):
+    return tuple(_shape_key(x) for x in a) if isinstance(a, tuple) else (tuple(a.shape), str(a.dtype))
+
+
+def compile_step(model, fn, cache_arg: int | None):
+    """`fn` traced with TorchScript once per input shapes (at most MAX_TRACES kept).
+
+    The trace replays the recorded aten ops without Keras' per-op Python dispatch (~50 us an op)
+    and reads the weights by reference, so assigned values are seen; the cache tensors are
+    updated in place (`write_slices`), so `cache_arg` needs nothing more.
+    """
+    traced = {}  # by input shapes, oldest first
+
+    def run(*args):
+        args = tuple(_as_tensor(a) for a in args)
+        key = tuple(_shape_key(a) for a in args)
+        if key not in traced:
+            def plain(*a):  # trace refuses a bound method of a module (Keras layers are torch modules)
+                return fn(*a)
+
+            with _frozen(model), warnings.catch_warnings():
+                # Shapes read while tracing are constants of this trace, which is keyed by them.
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                graph = torch.jit.trace(plain, args, check_trace=False, strict=False)
+            if len(traced) >= MAX_TRACES:
+                traced.pop(next(iter(traced)))
+            traced[key] = graph
+        with torch.no_grad():
+            return traced[key](*args)
+
+    return run
+
+
+def predict_path() -> str:
+    return "torch.jit.trace of the forward pass (models with traced_predict), else keras"
+
+
+def make_predict_function(model, make):
+    """Keras' predict function; for a model whose forward pass is one tensor in (`traced_predict`),
+    a TorchScript trace of it per input shape (ViT-B/16 at batch 8 on 2 cores: 4-12% faster,
+    paired). A model compiled with `jit_compile=True` keeps Keras' own path (torch.compile)."""
+    make()
+    if not model.traced_predict or model.jit_compile is True:
+        return model.predict_function
+    keras_step = model.predict_function
+    model.__dict__["_predict_trace"] = traced = compile_step(model, lambda x: model(x, training=False), None)
+
+    def one_step_on_data(data):
+        x, _, _ = utils.unpack_x_y_sample_weight(data[0])
+        if isinstance(x, (dict, list, tuple)):
+            return keras_step(data)
+        return traced(keras.ops.convert_to_tensor(x))
+
+    model.predict_function = one_step_on_data
+    return one_step_on_data
+
+
+# ----------------------------------------------------------------------------- loading weights
+
+
+def placeholder(shape, dtype, shared: dict | None = None):
+    # calloc'ed pages are not touched until the checkpoint's values are copied in; each weight its own.
+    if dtype == "bfloat16":
+        return torch.from_numpy(np.zeros(shape, np.uint16)).view(torch.bfloat16)
+    return torch.from_numpy(np.zeros(shape, dtype))
+
+
+def _to_tensor(array: np.ndarray):
+    if array.dtype.name == "bfloat16":
+        return torch.from_numpy(np.ascontiguousarray(array).view(np.uint16)).view(torch.bfloat16)
+    return torch.from_numpy(array)  # shares memory, strides included
+
+
+def set_value(variable, array: np.ndarray) -> None:
+    """The freshly read buffer becomes the parameter's storage (`Parameter.data`): no copy into fresh pages."""
+    tensor = _to_tensor(array)
+    parameter = variable.value
+    if tensor.is_contiguous() and tensor.dtype == parameter.dtype and tensor.shape == parameter.shape \
+            and tensor.device == parameter.device:
+        parameter.data = tensor
+    else:
+        variable.assign(tensor)
+
+
+def read_mapped(path, names):
+    """The tensors as NumPy views of the file mapping that torch keeps alive (no copy, no read).
+
+    Adopted as parameter storage (`set_value`), a weight's pages are read from the page cache on
+    first use and the file is never copied, as transformers does with safetensors.
+    """
+    with safe_open(path, framework="pt") as f:
+        for name in names:
+            tensor = f.get_tensor(name)
+            if tensor.dtype == torch.bfloat16:
+                yield tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+            else:
+                yield tensor.numpy()
+
+
+def adopts_host_buffers() -> bool:
+    return device() == "cpu"
+
+
+def read_ahead_threads(bounded: bool) -> int:
+    return 1  # unused: the file's mapping serves every read

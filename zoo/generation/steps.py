@@ -1,0 +1,48 @@
+"""Each model's compiled prefill and decode steps and its engines, made once and made again when its weights change.
+
+The model exposes plain `prefill`, `decode` and `empty_cache` (see GemmaCausalLM); compiling
+them is the backend's business (`zoo.backends.compile_step`), keeping them is this module's. A
+compiled step keeps the weights it was made with, so `refresh()` makes the steps again once the
+model's set of weights has changed (`enable_lora` adds adapters); engines refresh once per
+`run` and `warm_up`, not on every step (listing the weights costs ~0.5 ms).
+"""
+
+from zoo import backends
+
+class CompiledSteps:
+    """`prefill(token_ids, lengths, slots, cache)` and `decode(token_ids, positions, cache)`, compiled."""
+
+    def __init__(self, model):
+        self.model = model
+        self._signature = None
+        self.prefill = self.decode = None
+        self.refresh()
+
+    def refresh(self) -> None:
+        signature = backends.weights_signature(self.model)
+        if signature != self._signature:
+            self.prefill = backends.compile_step(self.model, self.model.prefill, cache_arg=3)
+            self.decode = backends.compile_step(self.model, self.model.decode, cache_arg=2)
+            self._signature = signature
+
+
+class ModelGeneration:
+    """What generation keeps for one model: its compiled steps and its engines by shape (`engine.engine`)."""
+
+    def __init__(self, model):
+        self.steps = CompiledSteps(model)
+        self.engines = {}
+
+
+def state(model) -> ModelGeneration:
+    """The model's generation state, kept in the model's own __dict__ so that it lives and dies with the
+    model (the compiled steps refer to the model: a table keyed by models would keep every model alive)."""
+    found = model.__dict__.get("_zoo_generation")
+    if found is None:
+        found = model.__dict__["_zoo_generation"] = ModelGeneration(model)
+    return found
+
+
+def compiled_steps(model) -> CompiledSteps:
+    """The model's compiled prefill and decode steps, shared by all its engines."""
+    return state(model).steps

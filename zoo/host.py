@@ -1,0 +1,55 @@
+"""Host memory that the backends adopt as it is: 64-byte-aligned NumPy buffers, and Keras dtypes on the host.
+
+A ground module: it imports nothing of keras-zoo. JAX (XLA:CPU) and TensorFlow take a host
+buffer as a weight without copying it only if its data starts on a 64-byte boundary (TensorFlow
+aborts on less); NumPy's own allocations are 16-byte aligned.
+"""
+
+import mmap
+
+import ml_dtypes
+import numpy as np
+
+ALIGNMENT = 64
+WEIGHT_DTYPES = ("float32", "bfloat16", "float16")  # what keras-zoo builds weights in
+MAPPED_BYTES = 4 * 2**20  # from this size on, buffers are anonymous mappings of ordinary pages
+_MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # Linux only; elsewhere pages fault in as written
+
+
+def aligned_empty(nbytes: int, zeroed: bool = False) -> np.ndarray:
+    """A uint8 buffer of nbytes whose data starts on a 64-byte boundary, uninitialised unless `zeroed`.
+
+    Zeroed buffers cost nothing until written (calloc'ed pages, or a fresh mapping). Large buffers
+    are anonymous mappings rather than NumPy arrays, because NumPy asks for transparent huge pages
+    from 4 MiB on, and those were slower to fault in: a 1 GB checkpoint read on one thread took
+    1.23-1.56 s into NumPy's buffers and 0.81-0.89 s into mappings on the VM of
+    benchmarks/RESULTS.md, while products over the weights and decoding ran no slower from
+    ordinary pages. A large buffer that is not asked to be zeroed is about to be written in full,
+    so its pages are faulted in by the kernel at once (`MAP_POPULATE`) rather than one trap per
+    page while it is written: the same 1 GB read took 0.74-0.88 s against 0.97-1.19 s.
+    """
+    if nbytes >= MAPPED_BYTES:
+        if zeroed or not _MAP_POPULATE:
+            return np.frombuffer(mmap.mmap(-1, nbytes), np.uint8)  # page-aligned and zero-filled
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_POPULATE
+        return np.frombuffer(mmap.mmap(-1, nbytes, flags=flags), np.uint8)
+    raw = (np.zeros if zeroed else np.empty)(nbytes + ALIGNMENT, np.uint8)
+    start = -raw.ctypes.data % ALIGNMENT
+    return raw[start : start + nbytes]
+
+
+def astype_aligned(array: np.ndarray, dtype) -> np.ndarray:
+    """`array.astype(dtype)` into a fresh 64-byte-aligned buffer, which JAX and TensorFlow adopt as it is."""
+    dtype = np.dtype(dtype)
+    out = aligned_empty(array.size * dtype.itemsize).view(dtype).reshape(array.shape)
+    np.copyto(out, array, casting="unsafe")
+    return out
+
+
+def is_aligned(array: np.ndarray) -> bool:
+    return bool(array.flags.c_contiguous and array.ctypes.data % ALIGNMENT == 0)
+
+
+def host_dtype(dtype: str) -> np.dtype:
+    """The NumPy dtype of a Keras dtype name (bfloat16 through ml_dtypes)."""
+    return np.dtype(ml_dtypes.bfloat16 if str(dtype) == "bfloat16" else dtype)

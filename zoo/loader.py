@@ -1,0 +1,115 @@
+"""`from_preset`'s policy: resolve the handle, read config.json, build the model uninitialised, stream the checkpoint in.
+
+The steps, each failing with a typed error before the next begins: `hub.resolve` gives a local
+folder; its config.json names the family and layout (`zoo.registry`) and becomes the
+architecture's config; the checkpoint's headers are read (`Checkpoint.open`); the model is built
+with skipped initialisers (`zoo.layers.init`), its weights planned against the headers
+(`key_map.plan`: every name and shape, before any data is read) and streamed in (`key_map.load`).
+A model class supplies the hooks (`zoo.models.base.PresetModel`): `_from_folder`, `key_map`,
+`_fresh_weights`, `_after_load`.
+"""
+
+import contextlib
+import gc
+import os
+from pathlib import Path
+
+import keras
+
+from zoo import backends, hub, registry
+from zoo.checkpoint import Checkpoint
+from zoo.errors import ConfigError, PresetNotFoundError
+from zoo.files import read_json
+from zoo.host import WEIGHT_DTYPES, host_dtype
+from zoo.key_map import load, plan, weights_by_path
+from zoo.layers.init import skip_init
+from zoo.safetensors_file import DTYPE_SIZES
+
+CONFIG_FILE = "config.json"
+READ_AHEAD_BYTES = 64 * 1024**2
+
+
+def read_config(folder: Path) -> dict:
+    path = folder / CONFIG_FILE
+    if not path.is_file():
+        raise PresetNotFoundError(f"{folder}: no {CONFIG_FILE}; expected a model folder in Hugging Face or timm layout")
+    return read_json(path)
+
+
+def detect(folder: Path) -> registry.Format:
+    """The family, layout and default task of the model in `folder`."""
+    return registry.detect(read_config(folder), folder / CONFIG_FILE)
+
+
+def check_dtype(dtype) -> None:
+    """A dtype to build weights in: a float dtype, or a Keras mixed policy (float32 weights)."""
+    try:
+        variable_dtype = keras.DTypePolicy(dtype).variable_dtype
+    except (ValueError, TypeError):
+        variable_dtype = None
+    if variable_dtype not in WEIGHT_DTYPES:
+        raise ConfigError(f"dtype {dtype!r}: expected one of {', '.join(WEIGHT_DTYPES)} or a Keras mixed policy "
+                          "such as 'mixed_bfloat16'")
+
+
+def _read_ahead_limit(checkpoint: Checkpoint, weight_dtype) -> int | None:
+    """How far the checkpoint may be read ahead of the assignments (None: no bound).
+
+    No bound when each buffer read ahead becomes its weight as it is: the backend adopts host
+    buffers and no tensor is wider than the weights (a cast to a narrower dtype would hold the
+    wider copy). Otherwise a bounded window, so that a cast or a copying backend never holds
+    the checkpoint and the weights at once.
+    """
+    if backends.adopts_host_buffers() and all(DTYPE_SIZES[t.dtype] <= weight_dtype.itemsize
+                                              for t in checkpoint.tensors.values()):
+        return None
+    return READ_AHEAD_BYTES
+
+
+@contextlib.contextmanager
+def _collector_paused():
+    """Python's cyclic garbage collector off while a model is built and its weights assigned.
+
+    Building Keras layers allocates enough objects to set off full collections, each a walk over
+    every object the imports left (~200k with JAX): building the 1 GB ViT of benchmarks/RESULTS.md
+    on JAX took 0.36-1.40 s with the collector on and 0.29-0.39 s with it off. Nothing is lost:
+    the collector runs again afterwards as before.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def from_preset(cls, preset: str | os.PathLike, dtype: str | None = None, **kwargs):
+    """`cls` built from a preset name, handle or folder, every weight from its checkpoint (see the module docstring)."""
+    if dtype is not None:
+        check_dtype(dtype)
+    folder = hub.resolve(preset)
+    raw = read_config(folder)
+    fmt = registry.detect(raw, folder / CONFIG_FILE)
+    if fmt.family != cls.family:
+        raise ConfigError(
+            f"{folder / CONFIG_FILE} describes a {fmt.family!r} model; {cls.__name__} loads {cls.family!r} models"
+        )
+    config = fmt.read_config(raw)
+    checkpoint = Checkpoint.open(folder)
+    dtype = dtype or config.dtype
+    weight_dtype = host_dtype(keras.DTypePolicy(dtype).variable_dtype)
+    if backends.read_mapped is None:  # reads (and casts) while the layers are built
+        checkpoint.prefetch(_read_ahead_limit(checkpoint, weight_dtype), cast_to=weight_dtype)
+    try:
+        with _collector_paused():
+            with skip_init():
+                model = cls._from_folder(config, folder, dtype=dtype, **kwargs)
+            fresh = model._fresh_weights()
+            weights = {path: v for path, v in weights_by_path(model).items() if path not in fresh}
+            load(plan(model.key_map(model.config), checkpoint, weights), checkpoint, weights)
+    finally:
+        checkpoint.stop_prefetch()
+    model._after_load()
+    model.source = hub.describe(preset, folder)
+    return model
