@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-import zoo  # noqa: F401  (chooses the Keras backend before keras is imported)
+import zoo  # (importing it chooses the Keras backend before keras is imported)
 import keras  # noqa: E402
 
 from zoo.models.gemma import GemmaCausalLM, GemmaConfig  # noqa: E402
@@ -124,7 +124,7 @@ def train(out: Path, steps: int, seed: int, batch: int = 16, limit: int | None =
     unigram = unigram_loss(train_ids, val[:, 1:].reshape(-1))
     report = {"validation_loss": round(val_loss, 4), "unigram_loss": round(unigram, 4), "steps": steps,
               "tokens_seen": int(steps * batch * SEQ), "seconds": round(time.perf_counter() - start),
-              "backend": keras.backend.backend(), "seed": seed}
+              "backend": zoo.backends.describe()["backend"], "seed": seed}
     model.tokenizer = tokenizer
     model.save_preset(out)
     (out / "training.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-import zoo  # noqa: F401  (chooses the Keras backend before keras is imported)
+import zoo  # (importing it chooses the Keras backend before keras is imported)
 import keras  # noqa: E402
 
 from zoo.models.vit import ImagePreprocessor, ViTConfig, ViTImageClassifier  # noqa: E402
@@ -91,7 +91,7 @@ def train(out: Path, epochs: int, seed: int, limit: int | None = None) -> float:
     predicted = [int(r[0]["label"]) for r in model.predict_labels(x_test[..., None], top_k=1)]
     accuracy = float(np.mean(np.asarray(predicted) == y_test))
     log.info("held-out accuracy %.4f on %d images (%d epochs, %.0f s, backend %s)",
-             accuracy, len(y_test), epochs, time.perf_counter() - start, keras.backend.backend())
+             accuracy, len(y_test), epochs, time.perf_counter() - start, zoo.backends.describe()["backend"])
     model.save_preset(out)
     samples = out / "samples"
     samples.mkdir(exist_ok=True)

@@ -9,8 +9,8 @@ import os
 import socket
 import tempfile
 
-import numpy as np
 import pytest
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -73,9 +73,4 @@ def _isolated_caches(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("KAGGLEHUB_CACHE", str(home / "kaggle"))
     monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(home / "kaggle_config"))
-    monkeypatch.setenv("ZOO_CACHE", str(home / "zoo"))
-
-
-@pytest.fixture
-def rng():
-    return np.random.default_rng(0)
+    monkeypatch.setenv("ZOO_CACHE", str(home / "zoo"))  # keras-zoo's record of Kaggle downloads

@@ -190,3 +190,35 @@ def test_images_of_another_size_and_bad_prediction_arguments():
         clf.predict_labels(image, top_k="3")
     with pytest.raises(ValueError, match="batch_size must be a positive int, got 0"):
         clf.predict_labels(image, batch_size=0)
+
+
+GEMMA = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=6, num_heads=4, num_kv_heads=1, head_dim=8)
+
+
+@pytest.mark.parametrize("model_type, sandwich, qk_norm, layer_types", [
+    ("gemma", False, False, ("full_attention",) * 6),
+    ("gemma2", True, False, ("sliding_attention", "full_attention") * 3),
+    ("gemma3_text", True, True, ("sliding_attention",) * 5 + ("full_attention",)),
+])
+def test_gemma_families_fill_explicit_fields(model_type, sandwich, qk_norm, layer_types):
+    """model_type's table fills sandwich_norms, qk_norm and the layer pattern; given, they are the model's."""
+    config = zoo.GemmaConfig(model_type=model_type, sliding_window=4, **GEMMA)
+    assert (config.sandwich_norms, config.qk_norm, config.layer_types) == (sandwich, qk_norm, layer_types)
+    other = config.replace(sandwich_norms=not sandwich, qk_norm=not qk_norm)
+    assert zoo.GemmaBackbone(other).count_params() == other.num_params() != config.num_params()
+    with pytest.raises(ConfigError, match=f"differ from what a '{model_type}' config.json implies"):
+        other.to_hf()
+    with pytest.raises(ConfigError, match="field 'qk_norm' should be true or false, got 'yes'"):
+        zoo.GemmaConfig(model_type=model_type, qk_norm="yes", **GEMMA)
+
+
+def test_vit_layout_facts_are_config_fields(sources):
+    """Antialiased position resampling and a checkpoint without a head are fields the readers fill."""
+    hf_raw = json.loads((sources["vit"] / "config.json").read_text())
+    timm_raw = json.loads((sources["timm"] / "config.json").read_text())
+    hf, timm = zoo.ViTConfig.from_hf(hf_raw), zoo.ViTConfig.from_timm(timm_raw)
+    assert (hf.antialias_positions, hf.headless, timm.antialias_positions, timm.headless) == (False, False, True, False)
+    assert zoo.ViTConfig.from_hf({**hf_raw, "architectures": ["ViTModel"]}).headless
+    assert zoo.ViTConfig.from_timm({**timm_raw, "num_classes": 0}).headless
+    assert timm.replace(headless=True).to_timm()["num_classes"] == 0
+    assert hf.replace(headless=True).to_hf()["architectures"] == ["ViTModel"]

@@ -213,3 +213,15 @@ def test_parse():
     assert hub.parse("hf://google/gemma-2-2b@v1.0") == hub.Handle("hf", "google/gemma-2-2b", "v1.0")
     assert hub.parse("kaggle://google/gemma/Transformers/2b/3") == hub.Handle("kaggle", "google/gemma/transformers/2b",
                                                                                kaggle_version=3)
+
+
+@pytest.mark.parametrize("preset,name", [
+    ("gemma_tiny_pycode", "gemma_tiny_pycode"),
+    ("hf://google/gemma-2-2b@v1.0", "gemma-2-2b"),
+    ("kaggle://google/gemma/transformers/2b/3", "2b"),
+    ("kaggle://google/gemma/transformers/2b", "2b"),
+    ("./models/my-vit/", "my-vit"),
+])
+def test_short_names(preset, name):
+    """What `zoo serve` calls a model: the same parse as loading, without a revision or version."""
+    assert hub.short_name(preset) == name

@@ -232,6 +232,20 @@ def test_full_queue_answers_429_and_keeps_serving(models):
         r.stop()
 
 
+def test_classification_shares_the_limits(models):
+    """The image route answers a full queue and an oversized upload as the text routes do."""
+    r = Running(models, max_batch=1, max_queue=0, max_body_bytes=4096)
+    try:
+        image = {"model": "digits", "images": [base64.b64encode(SAMPLES[0].read_bytes()).decode()]}
+        refused = r.http.post("/v1/classify", json=image)
+        assert error_of(refused, 429)["code"] == "queue_full" and refused.headers["retry-after"] == "1"
+        upload = {"image": ("big.png", b"\x89PNG" + bytes(8192), "image/png")}
+        too_big = r.http.post("/v1/classify", data={"model": "digits"}, files=upload)
+        assert error_of(too_big, 413)["message"].endswith("the limit is 4096")
+    finally:
+        r.stop()
+
+
 # ----------------------------------------------------------------------------- bad input and auth
 
 

@@ -183,6 +183,18 @@ def test_new_head_is_saved(hf_folders, tmp_path):
     np.testing.assert_allclose(hf_logits(saved, x), to_numpy(clf(x)), atol=TOL, rtol=0)
 
 
+def test_new_head_on_an_encoder_checkpoint_is_saved_as_a_classifier(hf_folders, tmp_path):
+    """A ViTModel checkpoint given labels becomes a classifier that saves, and reloads, with its head."""
+    x = pixels(VARIANTS["odd_sizes"])
+    bare = zoo.ViTBackbone.from_preset(hf_folders["odd_sizes"]).save_preset(tmp_path / "bare")
+    clf = zoo.ViTImageClassifier.from_preset(bare, labels=["cat", "dog"])
+    assert bare.joinpath("config.json").read_text().count("ViTModel") and not clf.config.headless
+    saved = clf.save_preset(tmp_path / "classifier")
+    assert json.loads((saved / "config.json").read_text())["architectures"] == ["ViTForImageClassification"]
+    np.testing.assert_allclose(hf_logits(saved, x), to_numpy(clf(x)), atol=TOL, rtol=0)
+    np.testing.assert_array_equal(to_numpy(zoo.ViTImageClassifier.from_preset(saved)(x)), to_numpy(clf(x)))
+
+
 def test_keras_config_round_trip(hf_folders):
     clf = zoo.ViTImageClassifier.from_preset(hf_folders["odd_sizes"])
     clone = zoo.ViTImageClassifier.from_config(clf.get_config())

@@ -255,7 +255,7 @@ def main(argv=None) -> int:
 
         import zoo
 
-        print(f"keras-zoo {zoo.__version__} (Keras {keras.__version__}, backend {keras.backend.backend()})")
+        print(f"keras-zoo {zoo.__version__} (Keras {keras.__version__}, backend {zoo.backends.describe()['backend']})")
         return 0
     if not getattr(args, "run", None):
         parser().print_help()

@@ -46,8 +46,16 @@ ATTENTION = {"cpu": {"plain": "heads_first_softmax", "masked": "reference"},
              "gpu": {"plain": "heads_first_softmax", "masked": "reference"}}
 
 
+def fused(q, k, v, scale, mask=None):
+    """`keras.ops.dot_product_attention`, which on TensorFlow (Keras 3.15) repeats the KV heads only when
+    there are several, and TF's einsum does not broadcast a single one: it is repeated here."""
+    if k.shape[2] == 1 and q.shape[2] > 1:
+        k, v = (tf.repeat(x, q.shape[2], axis=2) for x in (k, v))
+    return ops.dot_product_attention(q, k, v, mask=None if mask is None else mask[:, None], scale=scale)
+
+
 def attention_kernels() -> dict:
-    return {}
+    return {"fused": fused}
 
 
 write_slices = _xla.write_slices

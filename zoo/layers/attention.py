@@ -92,7 +92,7 @@ def kernel_for(masked: bool, grouped: bool) -> str:
         if name is None:
             continue
         if name not in KERNELS:
-            raise BackendError(f"the attention kernel {name!r} does not run on the {backends.NAME} backend")
+            raise BackendError(f"the attention kernel {name!r} does not run on this backend (see zoo.backends.describe())")
         kernel = KERNELS[name]
         if (kernel.masks or not masked) and (kernel.groups or not grouped):
             return name
