@@ -11,7 +11,7 @@ memory-bandwidth limit reached: weight bytes read per decode step x steps/s, div
 machine's measured copy bandwidth (NumPy copy of 256 MiB, read + write bytes, STREAM's convention).
 
 Usage:
-    python benchmarks/generate.py [--iterations 5] [--backends jax,torch,tensorflow] [--torch-modes trace,eager] [--write]
+    python benchmarks/generate.py [--iterations 5] [--backends jax,torch,tensorflow] [--write]
 """
 
 import argparse
@@ -54,7 +54,7 @@ def copy_bandwidth() -> float:
     return 2 * src.nbytes / median(times)
 
 
-def worker(iterations: int, torch_modes: list[str]) -> None:
+def worker(iterations: int) -> None:
     import keras
     import torch
     from transformers import GemmaForCausalLM
@@ -69,8 +69,7 @@ def worker(iterations: int, torch_modes: list[str]) -> None:
     results = {"backend": keras.backend.backend(), "weight_bytes": weight_bytes, "bandwidth": copy_bandwidth(),
                "tokens_match": {}, "times": {}, "ttft": {}}
 
-    def zoo_run(batch, new_tokens=NEW, mode="trace"):
-        lm.torch_mode = mode
+    def zoo_run(batch, new_tokens=NEW):
         engine = lm.engine(batch, 128)
         requests = [engine.submit(p, new_tokens, stop_ids=()) for p in prompts[:batch]]
         for _ in engine.run(requests):
@@ -85,20 +84,13 @@ def worker(iterations: int, torch_modes: list[str]) -> None:
         return out[:, PROMPT:].tolist()
 
     hub_run = _keras_hub_runner(prompts)
-    modes = torch_modes if keras.backend.backend() == "torch" else ["trace"]
     for batch in (1, 8):
-        contenders = {"transformers": lambda b=batch: hf_run(b)}
-        for mode in modes:
-            name = "keras-zoo" if len(modes) == 1 else f"keras-zoo ({mode})"
-            contenders[name] = lambda b=batch, m=mode: zoo_run(b, mode=m)
+        contenders = {"transformers": lambda b=batch: hf_run(b), "keras-zoo": lambda b=batch: zoo_run(b)}
         if hub_run is not None:
             contenders["keras-hub"] = lambda b=batch: hub_run(b, NEW)
-        times = interleaved(contenders, iterations, pause=0.2)
-        results["times"][batch] = times
-        results["tokens_match"][batch] = zoo_run(batch, mode=modes[0]) == hf_run(batch)
-        first = {"transformers": lambda b=batch: hf_run(b, 1)}
-        for mode in modes:
-            first["keras-zoo" if len(modes) == 1 else f"keras-zoo ({mode})"] = lambda b=batch, m=mode: zoo_run(b, 1, m)
+        results["times"][batch] = interleaved(contenders, iterations, pause=0.2)
+        results["tokens_match"][batch] = zoo_run(batch) == hf_run(batch)
+        first = {"transformers": lambda b=batch: hf_run(b, 1), "keras-zoo": lambda b=batch: zoo_run(b, 1)}
         results["ttft"][batch] = interleaved(first, iterations, pause=0.2)
     print(json.dumps(results))
 
@@ -130,17 +122,16 @@ def main() -> None:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--iterations", type=int, default=5)
     parser.add_argument("--backends", default=",".join(BACKENDS))
-    parser.add_argument("--torch-modes", default="trace", help="compiled paths to measure on PyTorch: trace,eager,compile")
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args()
     if args.worker:
-        return worker(args.iterations, args.torch_modes.split(","))
+        return worker(args.iterations)
     make_checkpoint()
     lines = ["| backend | batch | contender | tokens/s | vs transformers | time to first token ms | bandwidth used |",
              "|---|---|---|---|---|---|---|"]
     best = {1: {}, 8: {}}
     for backend in args.backends.split(","):
-        r = run_worker(__file__, backend, ["--iterations", str(args.iterations), "--torch-modes", args.torch_modes])
+        r = run_worker(__file__, backend, ["--iterations", str(args.iterations)])
         for batch in ("1", "8"):
             tps = {name: int(batch) * NEW / median(t) for name, t in r["times"][batch].items()}
             ttft = {name: 1000 * median(t) for name, t in r["ttft"][batch].items()}
@@ -164,7 +155,7 @@ def main() -> None:
         write_section("generate", (
             "## Greedy generation (Gemma shape: vocab 32000, hidden 512, 8 layers, 8 heads, 1 KV head, head_dim 64, "
             "MLP 2048; float32; prompt 32, 64 new tokens)\n\n"
-            f"Command: `python benchmarks/generate.py --iterations {args.iterations} --torch-modes {args.torch_modes} --write`\n\n"
+            f"Command: `python benchmarks/generate.py --iterations {args.iterations} --write`\n\n"
             f"{table}\n\n" + "\n".join(f"- {s}" for s in summary)
             + f"\n\nMedians of {args.iterations} interleaved runs per contender; transformers is measured in each "
             f"backend's own process. {versions()}."

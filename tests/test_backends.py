@@ -217,6 +217,6 @@ def test_the_choice_is_visible_and_can_be_forced():
         assert attention.kernel_for(masked=True, grouped=True) == described["attention"]["masked"]
     assert backends.describe()["attention"]["forced"] is None
     json.dumps(described)  # plain data, for logs and bug reports
-    with pytest.raises(BackendError, match=r"unknown attention kernel 'flash'; expected one of"):
+    with pytest.raises(BackendError, match=r"unknown attention kernel 'flash' on this backend; expected one of"):
         with backends.use_attention("flash"):
-            pass
+            attention.kernel_for(masked=False, grouped=False)

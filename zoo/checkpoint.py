@@ -1,20 +1,14 @@
 """Safetensors checkpoints in Hugging Face layout: listed from headers, read one tensor at a time.
 
-A folder holds either `model.safetensors` or shards named by `model.safetensors.index.json`.
-`Checkpoint.open` validates every header up front with the safetensors library (so a truncated
-or lying file fails before any weight is touched). `Checkpoint.read_many` streams tensors: on
-PyTorch as views of the file's mapping (the weights' storage, as transformers does). Elsewhere a
-tensor whose bytes start on a 64-byte boundary of the file is a view of a private mapping too,
-which JAX and TensorFlow (on CPU) take as the weight itself; the others are read straight into
-fresh 64-byte-aligned buffers, one `readinto` each, which those backends adopt without a copy,
-so the file's bytes are copied once. Reading through the safetensors library instead would
-copy them twice and keep the mapped pages resident (a second copy of the weights at the peak).
-`Checkpoint.prefetch` moves those reads to background threads, so that they overlap the
-building of the model (`from_preset` starts them before the layers exist). `write_checkpoint`
-writes the same layout back, each file with every sizeable tensor 64-byte aligned, so a
-checkpoint saved here loads on every backend without reading it. What concerns one file
-(header, reads into aligned buffers, the read-ahead threads, the aligned writer) lives in
-`zoo.safetensors_file`.
+A folder holds `model.safetensors` or shards named by `model.safetensors.index.json`. `open`
+validates every header first (a truncated or lying file fails before any weight is touched).
+`read_many` streams tensors: on PyTorch as views of the file's mapping (the weights' storage, as
+transformers does); elsewhere a tensor starting on a 64-byte boundary is a view of a private
+mapping, which JAX and TensorFlow take as the weight itself, and the others are read into fresh
+aligned buffers (one copy; the safetensors library would make two and keep the pages resident).
+`prefetch` moves those reads to background threads, overlapping the building of the model.
+`write_checkpoint` writes the layout back, every sizeable tensor aligned. One file's concerns
+(header, aligned reads, the readers, the writer) live in `zoo.safetensors_file`.
 """
 
 import itertools
@@ -82,13 +76,7 @@ class Checkpoint:
         return cls(folder, tensors)
 
     def read_many(self, names: list[str]) -> Iterator[np.ndarray]:
-        """Yields the tensors in order, each an array the caller owns.
-
-        Where the backend can keep the file's mapping as the weights' storage (PyTorch), the
-        arrays are views of that mapping. Otherwise a tensor at a 64-byte-aligned offset is a
-        copy-on-write view of the file's private mapping, and the others are read into fresh
-        aligned buffers, or taken from the background reader if `prefetch` started one.
-        """
+        """Yields the tensors in order, each an array the caller owns (see the module docstring)."""
         for file, group in itertools.groupby(names, key=lambda n: self.tensors[n].file):
             group = list(group)
             yield from backends.read_mapped(file, group) if backends.read_mapped else self._read_copies(file, group)
@@ -104,14 +92,9 @@ class Checkpoint:
                 yield array if array is not None else read_tensor(handle, info)
 
     def _mappable(self, info: TensorInfo) -> bool:
-        """Whether `read_many` serves the tensor as a view of its file's private mapping.
-
-        Only a tensor whose bytes start on a 64-byte boundary of the file: JAX and TensorFlow
-        then take the view as the weight itself, and its pages are the page cache's (nothing is
-        copied or faulted in fresh, as with transformers on PyTorch). Files written by
-        `write_safetensors` place every sizeable tensor so; the safetensors library's only by
-        chance (its data start is 8-byte aligned). Not a tensor the readers are to cast.
-        """
+        """Whether `read_many` serves the tensor as a view of its file's private mapping: only a tensor
+        starting on a 64-byte boundary (`write_safetensors` places every sizeable one so; the safetensors
+        library's writer by chance) and not to be cast. Its pages are then the page cache's."""
         if info.offset % ALIGNMENT or not info.nbytes:
             return False
         if self._cast_to is not None and info.dtype.startswith(FLOAT_CODES) and numpy_dtype(info.dtype) != self._cast_to:
@@ -136,20 +119,13 @@ class Checkpoint:
         return data.view(numpy_dtype(info.dtype)).reshape(info.shape)
 
     def prefetch(self, max_bytes: int | None = None, threads: int | None = None, cast_to=None) -> None:
-        """Starts background threads reading each tensor the file mapping does not serve into its own buffer.
+        """Starts `threads` background readers (default: the backend's choice) of the tensors the mapping
+        does not serve, so reading overlaps building the model.
 
-        Reading (a copy from the page cache into fresh pages, which the kernel must fault in)
-        then overlaps the Python work of building the model. The readers stay at most
-        `max_bytes` ahead of what `read_many` has taken (None: no bound, for backends that adopt
-        the buffers as the weights themselves, so read-ahead is never a second copy). A tensor
-        the reader has not reached when asked for is read by the caller instead, so any order of
-        requests works. `threads` readers (default: `backends.read_ahead_threads`). Without a
-        bound, `cast_to` (a NumPy dtype) has the readers cast floating-point tensors of another
-        floating dtype to it, off the caller's thread. `stop_prefetch` ends the readers and
-        drops what was not taken. Tensors `read_many` serves from the file's mapping are left
-        out (the kernel is asked to read those files ahead instead), and no thread starts when
-        nothing is left. (Pointless where the backend maps the file instead: `read_many` then
-        never asks the reader.)
+        They stay at most `max_bytes` ahead of what `read_many` has taken (None: no bound, where the
+        buffers become the weights, so read-ahead is never a second copy); a tensor not reached yet is
+        read by the caller. Without a bound, `cast_to` has them cast floating tensors too. Mapped files
+        are read ahead by the kernel instead (MADV_WILLNEED). `stop_prefetch` ends the readers.
         """
         if self._prefetch is not None:
             return
@@ -188,9 +164,7 @@ def _files_from_index(folder: Path) -> dict[Path, list[str]]:
     for name, file_name in weight_map.items():
         path = folder / file_name
         if not path.is_file():
-            raise CorruptCheckpointError(
-                f"{index_path} places tensor {name!r} in {file_name}, which is not in {folder}"
-            )
+            raise CorruptCheckpointError(f"{index_path} places tensor {name!r} in {file_name}, which is not in {folder}")
         files.setdefault(path, []).append(name)
     return files
 

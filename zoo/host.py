@@ -19,14 +19,10 @@ _MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # Linux only; elsewhere pages 
 def aligned_empty(nbytes: int, zeroed: bool = False) -> np.ndarray:
     """A uint8 buffer of nbytes whose data starts on a 64-byte boundary, uninitialised unless `zeroed`.
 
-    Zeroed buffers cost nothing until written (calloc'ed pages, or a fresh mapping). Large buffers
-    are anonymous mappings rather than NumPy arrays, because NumPy asks for transparent huge pages
-    from 4 MiB on, and those were slower to fault in: a 1 GB checkpoint read on one thread took
-    1.23-1.56 s into NumPy's buffers and 0.81-0.89 s into mappings on the VM of
-    benchmarks/RESULTS.md, while products over the weights and decoding ran no slower from
-    ordinary pages. A large buffer that is not asked to be zeroed is about to be written in full,
-    so its pages are faulted in by the kernel at once (`MAP_POPULATE`) rather than one trap per
-    page while it is written: the same 1 GB read took 0.74-0.88 s against 0.97-1.19 s.
+    Zeroed buffers cost nothing until written. Large ones are anonymous mappings of ordinary pages:
+    NumPy's transparent huge pages were slower to fault in (a 1 GB read: 1.23-1.56 s against
+    0.81-0.89 s), and a buffer about to be written in full has its pages faulted in at once
+    (`MAP_POPULATE`: 0.74-0.88 s).
     """
     if nbytes >= MAPPED_BYTES:
         if zeroed or not _MAP_POPULATE:

@@ -4,9 +4,9 @@ Downloads go through `huggingface_hub` and `kagglehub`, so their caches, progres
 (`HF_TOKEN`, `KAGGLE_USERNAME`/`KAGGLE_KEY`, `~/.kaggle/kaggle.json`) and offline mode
 (`HF_HUB_OFFLINE`) apply. A Hugging Face revision (branch, tag or commit) is resolved to one
 commit first and every file is fetched from that commit. `ZOO_OFFLINE=1` (or `set_offline(True)`)
-keeps every load on what is already cached. kagglehub needs the network to find a model's
-latest version, so each Kaggle download is recorded (`$ZOO_CACHE/kaggle.json`, by default under
-~/.cache/keras-zoo): offline, or with Kaggle out of reach, a handle is answered from that record.
+keeps every load on what is already cached. kagglehub needs the network to find a model's latest
+version, so Kaggle downloads are recorded (`$ZOO_CACHE/kaggle.json`, by default ~/.cache/keras-zoo):
+offline, or with Kaggle out of reach, a handle is answered from that record.
 
 Example:
     >>> from zoo import hub
@@ -17,7 +17,6 @@ Example:
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -178,14 +177,14 @@ def _hf_offline() -> bool:
     return is_offline() or constants.HF_HUB_OFFLINE
 
 
-def _download_hf(h: Handle) -> tuple[Path, dict]:
+def _download_hf(h: Handle, cache_only: bool = False) -> tuple[Path, dict]:
     """snapshot_download resolves the revision to a commit once and fetches every file from it; when
     the Hub cannot be reached (or offline mode is on) it answers from the cache."""
     import huggingface_hub
 
     try:
         folder = Path(huggingface_hub.snapshot_download(h.repo, revision=h.revision, allow_patterns=list(MODEL_FILES),
-                                                        local_files_only=_hf_offline()))
+                                                        local_files_only=cache_only or _hf_offline()))
     except Exception as e:  # huggingface_hub's typed errors, and its HTTP library's for network failures
         raise _hf_error(e, h) from e
     where = f"hf://{h.repo}@{folder.name}"
@@ -195,17 +194,6 @@ def _download_hf(h: Handle) -> tuple[Path, dict]:
     if not any(name.endswith(".safetensors") for name in found):
         raise HubError(f"{where}: the repository has no .safetensors weights (keras-zoo reads safetensors only; "
                        "other weight formats are not downloaded)")
-    return folder, {"commit": folder.name, "revision": h.revision or "main"}
-
-
-def _hf_from_cache(h: Handle) -> tuple[Path, dict]:
-    import huggingface_hub
-
-    try:
-        folder = Path(huggingface_hub.snapshot_download(h.repo, revision=h.revision, allow_patterns=list(MODEL_FILES),
-                                                        local_files_only=True))
-    except Exception as e:
-        raise _hf_error(e, h) from e
     return folder, {"commit": folder.name, "revision": h.revision or "main"}
 
 
@@ -246,40 +234,35 @@ def _download_kaggle(h: Handle) -> tuple[Path, dict]:
     return folder, {"version": version}
 
 
-def _kaggle_record_path() -> Path:
-    return Path(os.environ.get("ZOO_CACHE") or "~/.cache/keras-zoo").expanduser() / "kaggle.json"
-
-
-def _kaggle_records() -> dict:
+def _kaggle_records() -> tuple[Path, dict]:
+    """Where kagglehub put each version downloaded, and the latest version seen: {repo: {"3": folder, "latest": 3}}."""
+    path = Path(os.environ.get("ZOO_CACHE") or "~/.cache/keras-zoo").expanduser() / "kaggle.json"
     try:
-        records = json.loads(_kaggle_record_path().read_text())
-    except (OSError, ValueError):
-        return {}
-    return records if isinstance(records, dict) else {}
+        records = json.loads(path.read_text())
+    except (OSError, ValueError):  # none yet, or a write cut short: the downloads themselves are still cached
+        records = {}
+    return path, records if isinstance(records, dict) else {}
 
 
 def _record_kaggle(h: Handle, version: int | None, folder: Path) -> None:
-    """Notes where kagglehub put this version of the model (and the latest version seen, if it was asked for)."""
-    records = _kaggle_records()
-    entry = records.setdefault(h.repo, {"folders": {}})
-    entry.setdefault("folders", {})[str(version)] = str(folder)
+    path, records = _kaggle_records()
+    entry = records.setdefault(h.repo, {})
+    entry[str(version)] = str(folder)
     if h.kaggle_version is None:
         entry["latest"] = version
-    path = _kaggle_record_path()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-            json.dump(records, f, indent=1)
-        os.replace(f.name, path)
+        path.write_text(json.dumps(records, indent=1))
     except OSError:  # a read-only home: the download itself worked
         pass
 
 
 def _kaggle_from_record(h: Handle) -> tuple[Path, dict]:
     """The recorded folder of the version asked for, or of the latest version downloaded, if it is still there."""
-    entry = _kaggle_records().get(h.repo, {})
+    entry = _kaggle_records()[1].get(h.repo)
+    entry = entry if isinstance(entry, dict) else {}
     version = h.kaggle_version or entry.get("latest")
-    folder = entry.get("folders", {}).get(str(version))
+    folder = entry.get(str(version))
     if folder and (Path(folder) / "config.json").is_file():
         return Path(folder), {"version": version}
     raise HubError(f"kaggle://{h.repo}" + (f"/{h.kaggle_version}" if h.kaggle_version else "") +
@@ -293,7 +276,7 @@ def cached_folder(preset: str) -> Path | None:
             return Path(preset) if Path(preset).is_dir() else None
         if "://" in preset:
             h = parse(preset)
-            return (_hf_from_cache(h) if h.scheme == "hf" else _kaggle_from_record(h))[0]
+            return (_download_hf(h, cache_only=True) if h.scheme == "hf" else _kaggle_from_record(h))[0]
         card = presets.get(preset)
         if card.folder is not None:
             return card.folder

@@ -14,9 +14,8 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
-
 import keras
+import numpy as np
 
 from zoo import backends
 from zoo.checkpoint import Checkpoint, PendingTensor
@@ -135,8 +134,7 @@ def plan(rows: list[Row], checkpoint: Checkpoint, weights: dict) -> list[Assignm
     missing = [path for path in weights if path not in filled]
     if missing:
         listing = ", ".join(
-            f"{_source_name(rows, p)} (expected shape {_expected_source_shape(rows, p, weights)}, for {p})"
-            for p in missing[:8]
+            "{} (expected shape {}, for {})".format(*_expected_source(rows, p, weights), p) for p in missing[:8]
         )
         more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
         raise MissingWeightsError(
@@ -159,29 +157,16 @@ def _joint_source_shape(target_shapes: list[Shape], transform: str) -> Shape:
     return (sum(p[0] for p in parts), *parts[0][1:])
 
 
-def _row_for(rows: list[Row], path: str) -> tuple[Row, str | None] | None:
+def _expected_source(rows: list[Row], path: str, weights: dict) -> tuple[str, Shape | None]:
+    """The checkpoint tensor that would fill the weight at `path`, and its shape."""
     for row in rows:
         for t in row.targets:
             if m := _pattern(t).match(path):
-                return row, m.groupdict().get("i")
-    return None
-
-
-def _source_name(rows: list[Row], path: str) -> str:
-    found = _row_for(rows, path)
-    if found is None:
-        return f"<no row of the key map fills {path}>"
-    row, i = found
-    return row.source.replace("{i}", i) if i is not None else row.source
-
-
-def _expected_source_shape(rows: list[Row], path: str, weights: dict) -> Shape | None:
-    found = _row_for(rows, path)
-    if found is None:
-        return None
-    row, i = found
-    targets = [t.replace("{i}", i) if i is not None else t for t in row.targets]
-    return _joint_source_shape([tuple(weights[t].shape) for t in targets], row.transform)
+                i = m.groupdict().get("i")
+                targets = [t.replace("{i}", i) if i is not None else t for t in row.targets]
+                shape = _joint_source_shape([tuple(weights[t].shape) for t in targets], row.transform)
+                return (row.source.replace("{i}", i) if i is not None else row.source), shape
+    return f"<no row of the key map fills {path}>", None
 
 
 def load(assignments: list[Assignment], checkpoint: Checkpoint, weights: dict) -> None:

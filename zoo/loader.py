@@ -1,12 +1,9 @@
 """`from_preset`'s policy: resolve the handle, read config.json, build the model uninitialised, stream the checkpoint in.
 
-The steps, each failing with a typed error before the next begins: `hub.resolve` gives a local
-folder; its config.json names the family and layout (`zoo.registry`) and becomes the
-architecture's config; the checkpoint's headers are read (`Checkpoint.open`); the model is built
-with skipped initialisers (`zoo.layers.init`), its weights planned against the headers
-(`key_map.plan`: every name and shape, before any data is read) and streamed in (`key_map.load`).
-A model class supplies the hooks (`zoo.models.base.PresetModel`): `_from_folder`, `key_map`,
-`_fresh_weights`, `_after_load`.
+Each step fails with a typed error before the next begins: `hub.resolve` gives a folder; its
+config.json names the family and layout (`zoo.registry`); the headers are read; the model is built
+with skipped initialisers, every weight planned against the headers (`key_map.plan`) and streamed
+in (`key_map.load`). The model class gives the hooks (`zoo.models.base.PresetModel`).
 """
 
 import contextlib
@@ -53,13 +50,8 @@ def check_dtype(dtype) -> None:
 
 
 def _read_ahead_limit(checkpoint: Checkpoint, weight_dtype) -> int | None:
-    """How far the checkpoint may be read ahead of the assignments (None: no bound).
-
-    No bound when each buffer read ahead becomes its weight as it is: the backend adopts host
-    buffers and no tensor is wider than the weights (a cast to a narrower dtype would hold the
-    wider copy). Otherwise a bounded window, so that a cast or a copying backend never holds
-    the checkpoint and the weights at once.
-    """
+    """How far the checkpoint may be read ahead (None: no bound): unbounded only where each buffer read becomes
+    its weight (the backend adopts host buffers, and no cast to a narrower dtype holds a wider copy)."""
     if backends.adopts_host_buffers() and all(DTYPE_SIZES[t.dtype] <= weight_dtype.itemsize
                                               for t in checkpoint.tensors.values()):
         return None
@@ -68,13 +60,8 @@ def _read_ahead_limit(checkpoint: Checkpoint, weight_dtype) -> int | None:
 
 @contextlib.contextmanager
 def _collector_paused():
-    """Python's cyclic garbage collector off while a model is built and its weights assigned.
-
-    Building Keras layers allocates enough objects to set off full collections, each a walk over
-    every object the imports left (~200k with JAX): building the 1 GB ViT of benchmarks/RESULTS.md
-    on JAX took 0.36-1.40 s with the collector on and 0.29-0.39 s with it off. Nothing is lost:
-    the collector runs again afterwards as before.
-    """
+    """Python's cyclic collector off while the model is built and loaded: building Keras layers sets off full
+    collections over every object the imports left (the 1 GB ViT on JAX: 0.36-1.40 s on, 0.29-0.39 s off)."""
     was_enabled = gc.isenabled()
     gc.disable()
     try:

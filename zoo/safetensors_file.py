@@ -1,12 +1,9 @@
 """One safetensors file: its header, its tensors read into aligned buffers (ahead, in threads), writing one.
 
-`zoo.checkpoint` lists a checkpoint folder's tensors and hands them to the loader; the pieces
-here deal with a single file. `read_header` validates a header with the safetensors library and
-says which part of a file it rejected. `read_tensor` reads one tensor's bytes straight into a
-fresh 64-byte-aligned buffer (`zoo.host.aligned_empty`), which JAX and TensorFlow adopt without a copy;
-the safetensors library has no call that reads into a buffer we give it, hence the few lines
-of our own. `Prefetcher` runs those reads in background threads. `write_safetensors` writes a
-file whose sizeable tensors all lie 64-byte aligned (the library's writer has no such option).
+`read_header` validates a header with the safetensors library and says which part of a file it
+rejected. `read_tensor` reads a tensor straight into a fresh 64-byte-aligned buffer, which JAX and
+TensorFlow adopt as it is (the library cannot read into a buffer we give it). `Prefetcher` runs
+those reads in threads; `write_safetensors` writes a file with aligned tensors.
 """
 
 import json
@@ -77,14 +74,11 @@ def read_tensor(handle, info: TensorInfo) -> np.ndarray:
 
 
 class Prefetcher:
-    """Background threads reading tensors ahead of their use (see `zoo.checkpoint.Checkpoint.prefetch`).
+    """Background threads reading tensors ahead of their use (`zoo.checkpoint.Checkpoint.prefetch`).
 
-    `readinto` releases the GIL, so the copies run while the caller's thread builds Keras
-    layers. Without a window, several readers may help, because a read into fresh pages mostly
-    waits for the kernel to fault them in (`backends.read_ahead_threads` says how many each
-    backend takes). Readers claim tensors in file order and reserve their bytes before reading,
-    so the window bounds what is read or being read. Errors are kept and raised by `take` for
-    the tensor that failed; the other readers then stop.
+    `readinto` releases the GIL, so the copies run while the caller builds Keras layers. Readers claim
+    tensors in file order and reserve their bytes first, so the window bounds what is read or being
+    read. An error is raised by `take` for the tensor that failed; the other readers then stop.
     """
 
     def __init__(self, order: list[TensorInfo], max_bytes: int | None, threads: int, cast_to=None):
@@ -252,15 +246,11 @@ def _diagnose(path: Path, error: Exception) -> str:
 
 
 def write_safetensors(path: Path, arrays: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
-    """Writes a safetensors file whose data section starts on a 64-byte boundary.
+    """Writes a safetensors file whose sizeable tensors all lie 64-byte aligned (the library pads to 8 only).
 
-    The format lets the header end in spaces, and the safetensors library pads it to 8 bytes
-    only (it has no option for more), so a file it writes maps its tensors at addresses that
-    JAX and TensorFlow cannot use in place. Here the header is padded to 64 bytes and the
-    tensors whose size is a multiple of 64 bytes come first, so each of those (every sizeable
-    weight in practice) lies 64-byte aligned and `Checkpoint.read_many` hands out views of the
-    file's mapping instead of copies. The rest follow from the widest element to the narrowest,
-    which keeps every tensor aligned to its own element size, as the library's writer does.
+    The header is padded with spaces to 64 bytes and the tensors whose size is a multiple of 64 come
+    first, so JAX and TensorFlow can use their mapped bytes in place; the rest follow widest element
+    first, each aligned to its own element size, as the library's writer does.
     """
     arrays = {name: np.asarray(array, dtype=np.asarray(array).dtype.newbyteorder("<"), order="C")
               for name, array in arrays.items()}  # little-endian, C order; 0-d arrays stay 0-d

@@ -9,12 +9,9 @@ SMALL_ROWS = 2
 def matmul_out_in(x, weight, small_rows: bool):
     """x (m, d) times a PyTorch-layout weight (f, d), transposed: (m, f).
 
-    With `small_rows` (chosen on a CPU) and one or two rows, a decode step at batch 1 or 2, the
-    product is bound by reading the weight, and XLA:CPU streams a row-major (f, d) weight faster
-    as `weight @ x.T` than as `x @ weight.T`, which it turns into a loop fusion: a Gemma decode
-    step at batch 1 (benchmarks/generate.py's shape, LM head included) is ~23% faster on JAX and
-    ~12% on TensorFlow. At batch 8 the plain product is ~9% faster on JAX. The row count is
-    static when compiled; a symbolic one (exporting for any batch size) takes the plain product.
+    With `small_rows` (a CPU) and one or two rows, XLA:CPU streams the weight faster as `weight @ x.T`
+    than as `x @ weight.T`, which it makes a loop fusion: a batch-1 Gemma decode step ~23% faster on
+    JAX, ~12% on TensorFlow. A symbolic row count (exporting for any batch) takes the plain product.
     """
     rows = x.shape[0]
     if small_rows and isinstance(rows, int) and rows <= SMALL_ROWS:
@@ -23,12 +20,8 @@ def matmul_out_in(x, weight, small_rows: bool):
 
 
 def write_slices(cache, rows, starts, updates):
-    """cache (B, S, ...) with cache[rows[i], starts[i] : starts[i] + T] = updates[i] (N, T, ...), N small and static.
-
-    One `slice_update` per row: contiguous writes that never read the old values (XLA:CPU still
-    copies the donated cache once per step when attention reads it, O(cache), negligible next to
-    the weights at the sizes we run).
-    """
+    """cache (B, S, ...) with cache[rows[i], starts[i] : starts[i] + T] = updates[i] (N, T, ...), N small:
+    one `slice_update` per row, contiguous writes that never read the old values."""
     updates = keras.ops.cast(updates, cache.dtype)
     zeros = (0,) * (len(cache.shape) - 2)
     for i in range(updates.shape[0]):

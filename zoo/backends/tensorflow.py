@@ -11,6 +11,7 @@ from zoo.backends import _xla
 from zoo.host import astype_aligned, is_aligned
 
 COMPILER = "tf.function(jit_compile=True)"
+PREDICT = "Keras' (TensorFlow's own kernels, not XLA, on a CPU unless compiled with jit_compile)"
 
 
 @functools.cache
@@ -21,12 +22,8 @@ def device() -> str:
 # ----------------------------------------------------------------------------- kernels
 
 
-def small_row_products() -> bool:
-    return device() == "cpu"
-
-
 def matmul_out_in(x, weight):
-    return _xla.matmul_out_in(x, weight, small_rows=small_row_products())
+    return _xla.matmul_out_in(x, weight, small_rows=device() == "cpu")
 
 
 def linear(x, weight, bias):
@@ -40,10 +37,8 @@ def gelu(x):
 
 
 # TensorFlow's own softmax is one kernel (a ViT-B/16 layer at batch 8: 41 ms against 53 ms for the
-# unnormalised form JAX prefers). TensorFlow has no fused attention kernel, so a GPU takes the same
-# paths (not measured: the GPU machine has no TensorFlow).
-ATTENTION = {"cpu": {"plain": "heads_first_softmax", "masked": "reference"},
-             "gpu": {"plain": "heads_first_softmax", "masked": "reference"}}
+# unnormalised form JAX prefers). With no fused attention kernel, a GPU takes the same paths.
+ATTENTION = {device: {"plain": "heads_first_softmax", "masked": "reference"} for device in ("cpu", "gpu")}
 
 
 def fused(q, k, v, scale, mask=None):
@@ -54,10 +49,7 @@ def fused(q, k, v, scale, mask=None):
     return ops.dot_product_attention(q, k, v, mask=None if mask is None else mask[:, None], scale=scale)
 
 
-def attention_kernels() -> dict:
-    return {"fused": fused}
-
-
+ATTENTION_KERNELS = {"fused": fused}
 write_slices = _xla.write_slices
 
 
@@ -69,14 +61,9 @@ def compile_step(model, fn, cache_arg: int | None):
     return tf.function(fn, jit_compile=True, reduce_retracing=False)
 
 
-def predict_path() -> str:
-    return "keras, without XLA on a CPU unless compiled so" if device() == "cpu" else "keras"
-
-
 def make_predict_function(model, make):
-    """On a CPU, an uncompiled model's `predict` runs TensorFlow's own oneDNN kernels instead of
-    Keras' default XLA: a ViT-B/16 forward pass ~12% faster (3.50 vs 3.13 img/s at batch 8,
-    paired medians). `model.compile(jit_compile=...)` still sets whatever the user asks for."""
+    """On a CPU an uncompiled model's `predict` runs TensorFlow's own oneDNN kernels rather than XLA
+    (a ViT-B/16 forward pass ~12% faster); `model.compile(jit_compile=...)` sets what the user asks for."""
     if device() == "cpu" and not model.compiled:
         model.jit_compile = False
     return make()
@@ -86,20 +73,18 @@ def make_predict_function(model, make):
 
 
 def placeholder(shape, dtype, shared: dict | None = None):
-    # Uninitialised memory: a checkpoint value is about to overwrite every element. The shape as
-    # an int32 array keeps the op on TF's fast path (a list costs ~3x as much).
+    # Uninitialised memory the checkpoint's value replaces; the shape as an int32 array keeps the op
+    # on TF's fast path (a list costs ~3x as much).
     return tf.raw_ops.Empty(shape=np.asarray(shape, np.int32), dtype=tf.as_dtype(str(dtype)), init=False)
 
 
 def set_value(variable, array: np.ndarray) -> None:
     """The fresh host buffer becomes the variable's storage where TensorFlow allows it.
 
-    `tf.Variable.assign(ndarray)` copies three times (TF's defensive `ndarray.copy()`, the
-    tensor, the variable: ~54 ms per 64 MiB here). A DLPack import shares the buffer, and the
-    assignment takes over a sole-owner input instead of copying it. TF aborts the process on a
-    tensor whose data is not 64-byte aligned: a transposed or misaligned array (a convolution
-    kernel from PyTorch's layout) is copied once into an aligned buffer first. NumPy's DLPack has
-    no bfloat16: those go through Keras' `assign`.
+    `assign(ndarray)` copies three times (~54 ms per 64 MiB here); a DLPack import shares the
+    buffer, and the assignment takes over a sole-owner input. TF aborts on data that is not 64-byte
+    aligned, so a transposed or misaligned array is copied into an aligned buffer first. NumPy's
+    DLPack has no bfloat16: those are assigned as they are.
     """
     value = variable.value
     if (array.size and array.dtype.name != "bfloat16" and array.dtype.name == value.dtype.name
@@ -119,6 +104,4 @@ def adopts_host_buffers() -> bool:
 
 
 def read_ahead_threads(bounded: bool) -> int:
-    """One reader: TensorFlow's variable creation competes with them for the CPU (`from_preset` of
-    the 1 GB ViT on 2 vCPUs: 1.41-1.67 s with one reader, 1.72-2.02 s with two, 1.81-2.20 s with four)."""
-    return 1
+    return 1  # TensorFlow's variable creation competes with more readers for the CPU

@@ -12,6 +12,7 @@ from keras import utils
 from safetensors import safe_open
 
 COMPILER = "torch.jit.trace"
+PREDICT = "torch.jit.trace of the forward pass (models with traced_predict), else Keras'"
 MAX_TRACES = 8  # input shapes kept traced per compiled callable (a generation engine needs a handful)
 
 
@@ -28,17 +29,12 @@ def _tensors(*xs):
 # ----------------------------------------------------------------------------- kernels
 
 
-def small_row_products() -> bool:
-    return False
-
-
 def matmul_out_in(x, weight):
     return keras.ops.matmul(x, keras.ops.transpose(weight))
 
 
 def linear(x, weight, bias):
-    # One addmm, as transformers' nn.Linear: the bias rides in the GEMM instead of a separate
-    # add over the whole output (~0.25 s of a 2.4 s ViT-B/16 forward pass at batch 8 on 2 cores).
+    # One addmm, as nn.Linear: the bias rides in the GEMM instead of a pass over the whole output.
     return torch.nn.functional.linear(*_tensors(x, weight, bias))
 
 
@@ -47,11 +43,8 @@ def gelu(x):
 
 
 def sdpa(q, k, v, scale: float, mask=None):
-    """(b, t, n, h) queries over (b, s, k, h) keys and values (k divides n), mask (b, t, s) -> (b, t, n, h).
-
-    Keras' dot_product_attention copies q, k and v into contiguous (b, n, t, h) buffers before
-    SDPA on a CPU; SDPA reads the transposed views as they are (as transformers calls it).
-    """
+    """`scaled_dot_product_attention` on transposed views of (b, t, n, h) inputs, as transformers calls it
+    (Keras' dot_product_attention first copies them into contiguous (b, n, t, h) buffers on a CPU)."""
     q, k, v = (t.transpose(1, 2) for t in _tensors(q, k, v))  # (b, n, t, h), (b, k, s, h)
     if mask is not None:
         mask = keras.ops.convert_to_tensor(mask)[:, None]  # (b, 1, t, s)
@@ -60,21 +53,15 @@ def sdpa(q, k, v, scale: float, mask=None):
     return out.transpose(1, 2)  # (b, t, n, h)
 
 
-# SDPA picks the device's fastest kernel (flash or memory-efficient on a GPU). On a CPU, masked
-# attention keeps the reference path: a decode step of benchmarks/generate.py's Gemma is no faster
-# through SDPA, and the bundled presets' outputs are pinned to it (tests/test_bundled_pins.py).
-ATTENTION = {"cpu": {"plain": "sdpa", "masked": "reference"},
-             "gpu": {"plain": "sdpa", "masked": "sdpa"},
+# SDPA picks the device's fastest kernel (flash or memory-efficient on a GPU). On a CPU masked calls
+# keep the reference kernel, which the bundled presets' pinned outputs were recorded with.
+ATTENTION = {"cpu": {"plain": "sdpa", "masked": "reference"}, "gpu": {"plain": "sdpa", "masked": "sdpa"},
              "mps": {"plain": "sdpa", "masked": "reference"}}
-
-
-def attention_kernels() -> dict:
-    return {"sdpa": sdpa}
+ATTENTION_KERNELS = {"sdpa": sdpa}
 
 
 def write_slices(cache, rows, starts, updates):
-    """cache (B, S, ...) with cache[rows[i], starts[i] : starts[i] + T] = updates[i]: one in-place
-    indexed assignment (the generation engine owns the preallocated buffer)."""
+    """One in-place indexed assignment (the generation engine owns the preallocated buffer)."""
     if updates.shape[1] == 1:  # decoding: one position per row
         cache[rows, starts] = updates[:, 0]
     else:
@@ -112,12 +99,8 @@ def _shape_key(a):
 
 
 def compile_step(model, fn, cache_arg: int | None):
-    """`fn` traced with TorchScript once per input shapes (at most MAX_TRACES kept).
-
-    The trace replays the recorded aten ops without Keras' per-op Python dispatch (~50 us an op)
-    and reads the weights by reference, so assigned values are seen; the cache tensors are
-    updated in place (`write_slices`), so `cache_arg` needs nothing more.
-    """
+    """A TorchScript trace of `fn` per input shapes: it replays the recorded aten ops without Keras'
+    per-op Python dispatch (~50 us an op), reading the weights by reference."""
     traced = {}  # by input shapes, oldest first
 
     def run(*args):
@@ -140,14 +123,10 @@ def compile_step(model, fn, cache_arg: int | None):
     return run
 
 
-def predict_path() -> str:
-    return "torch.jit.trace of the forward pass (models with traced_predict), else keras"
-
-
 def make_predict_function(model, make):
-    """Keras' predict function; for a model whose forward pass is one tensor in (`traced_predict`),
-    a TorchScript trace of it per input shape (ViT-B/16 at batch 8 on 2 cores: 4-12% faster,
-    paired). A model compiled with `jit_compile=True` keeps Keras' own path (torch.compile)."""
+    """For a model whose forward pass is one tensor in (`traced_predict`), `predict` replays a trace of
+    it per input shape (ViT-B/16 at batch 8 on 2 cores: 4-12% faster, paired). A model compiled with
+    `jit_compile=True` keeps Keras' own path (torch.compile)."""
     make()
     if not model.traced_predict or model.jit_compile is True:
         return model.predict_function
@@ -156,9 +135,7 @@ def make_predict_function(model, make):
 
     def one_step_on_data(data):
         x, _, _ = utils.unpack_x_y_sample_weight(data[0])
-        if isinstance(x, (dict, list, tuple)):
-            return keras_step(data)
-        return traced(keras.ops.convert_to_tensor(x))
+        return keras_step(data) if isinstance(x, (dict, list, tuple)) else traced(keras.ops.convert_to_tensor(x))
 
     model.predict_function = one_step_on_data
     return one_step_on_data
@@ -168,35 +145,29 @@ def make_predict_function(model, make):
 
 
 def placeholder(shape, dtype, shared: dict | None = None):
-    # calloc'ed pages are not touched until the checkpoint's values are copied in; each weight its own.
+    # calloc'ed pages, untouched until the checkpoint's values arrive; each weight its own.
     if dtype == "bfloat16":
         return torch.from_numpy(np.zeros(shape, np.uint16)).view(torch.bfloat16)
     return torch.from_numpy(np.zeros(shape, dtype))
 
 
-def _to_tensor(array: np.ndarray):
-    if array.dtype.name == "bfloat16":
-        return torch.from_numpy(np.ascontiguousarray(array).view(np.uint16)).view(torch.bfloat16)
-    return torch.from_numpy(array)  # shares memory, strides included
-
-
 def set_value(variable, array: np.ndarray) -> None:
     """The freshly read buffer becomes the parameter's storage (`Parameter.data`): no copy into fresh pages."""
-    tensor = _to_tensor(array)
+    if array.dtype.name == "bfloat16":
+        tensor = torch.from_numpy(np.ascontiguousarray(array).view(np.uint16)).view(torch.bfloat16)
+    else:
+        tensor = torch.from_numpy(array)  # shares memory, strides included
     parameter = variable.value
-    if tensor.is_contiguous() and tensor.dtype == parameter.dtype and tensor.shape == parameter.shape \
-            and tensor.device == parameter.device:
+    if tensor.is_contiguous() and (tensor.dtype, tensor.shape, tensor.device) == (
+            parameter.dtype, parameter.shape, parameter.device):
         parameter.data = tensor
     else:
         variable.assign(tensor)
 
 
 def read_mapped(path, names):
-    """The tensors as NumPy views of the file mapping that torch keeps alive (no copy, no read).
-
-    Adopted as parameter storage (`set_value`), a weight's pages are read from the page cache on
-    first use and the file is never copied, as transformers does with safetensors.
-    """
+    """Tensors as NumPy views of the file mapping torch keeps alive: adopted as the weights' storage, their
+    pages are read from the page cache on first use, as transformers does with safetensors."""
     with safe_open(path, framework="pt") as f:
         for name in names:
             tensor = f.get_tensor(name)

@@ -1,4 +1,4 @@
-"""Text in, text out: what a causal LM's `generate` and `stream` run, over the model's engines.
+"""Text in, text out: a causal LM's `generate` and `stream` methods, over the model's engines.
 
 Prompts are encoded (optionally through the chat template), checked and made into requests
 (`make_request`), and run on an engine sized for them: one slot for a single prompt, a power of
@@ -40,9 +40,19 @@ def _encode(model, prompt, chat: bool) -> list[int]:
     return model.tokenizer.encode(prompt)
 
 
-def generate(model, prompt, max_new_tokens=64, sampler="greedy", stop=None, *, temperature=None, top_k=None,
-             top_p=None, seed=None, max_batch=8, chat=False):
-    """See GemmaCausalLM.generate."""
+def generate(model, prompt, max_new_tokens: int = 64, sampler="greedy", stop=None, *, temperature=None, top_k=None,
+             top_p=None, seed=None, max_batch: int = 8, chat: bool = False):
+    """Generated text for a prompt, or a list of texts for a list of prompts.
+
+    Args:
+        prompt: a string or a list of strings (batched together).
+        max_new_tokens: the most tokens to generate per prompt.
+        sampler: "greedy", "top_k", "top_p", "random", or a `zoo.generation.Sampler`.
+        stop: stop strings and/or stop token ids, besides the model's end-of-sequence tokens.
+        temperature, top_k, top_p, seed: override the sampler's settings.
+        max_batch: the most prompts decoded together.
+        chat: wrap each prompt as a user turn with the tokenizer's chat template.
+    """
     if not isinstance(prompt, (str, list, tuple)):
         raise GenerationError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}")
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -56,9 +66,9 @@ def generate(model, prompt, max_new_tokens=64, sampler="greedy", stop=None, *, t
     return texts[0] if isinstance(prompt, str) else texts
 
 
-def stream(model, prompt, max_new_tokens=64, sampler="greedy", stop=None, *, temperature=None, top_k=None,
-           top_p=None, seed=None, chat=False):
-    """See GemmaCausalLM.stream."""
+def stream(model, prompt: str, max_new_tokens: int = 64, sampler="greedy", stop=None, *, temperature=None,
+           top_k=None, top_p=None, seed=None, chat: bool = False):
+    """Yields text pieces as tokens are made; the pieces join to what `generate` returns."""
     overrides = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     chosen, (request,) = _requests(model, [prompt], max_new_tokens, sampler, stop, 1, chat, overrides)
     try:

@@ -1,17 +1,13 @@
 """The generation engine: a fixed set of slots sharing one compiled decode step.
 
-A request waits in a queue until a slot is free; at the next step boundary it is prefilled
-(prompts admitted together are batched, right-padded to a length bucket) and joins the running
-batch. Every step decodes one token for every busy slot; a request leaves when it meets a stop
-rule or is cancelled, and its slot is reused at once. Each slot attends only to its own cache
-row at its own positions, so a request's tokens do not depend on what else runs beside it.
-Requests take the lowest free slots, and a step decodes only the first rows up to the highest
-busy one (rounded up to a power of two): one request alone in an 8-slot engine costs a batch-1
-step, not a batch-8 one.
+A request waits until a slot is free, is prefilled at the next step (prompts admitted together
+batched, right-padded to a length bucket) and joins the running batch; it leaves on a stop rule
+or when cancelled. Each slot attends only to its own cache row, so a request's tokens do not
+depend on its neighbours. Requests take the lowest free slots, and a step decodes only the rows
+up to the highest busy one (rounded up to a power of two): a lone request costs a batch-1 step.
 
-The engine is model-agnostic: it needs the model's `prefill`, `decode` and `empty_cache` (see
-GemmaCausalLM), which it runs compiled (`zoo.generation.steps`), and `model.config.vocab_size`;
-with `model.tokenizer` set it also turns tokens into text (and honours stop strings).
+The engine needs the model's `prefill`, `decode` and `empty_cache` (see GemmaCausalLM), run
+compiled (`zoo.generation.steps`); with `model.tokenizer` it also makes text and honours stop strings.
 """
 
 import collections

@@ -1,10 +1,8 @@
-"""Each model's compiled prefill and decode steps and its engines, made once and made again when its weights change.
+"""Each model's compiled prefill and decode steps and its engines, kept here and not on the model.
 
-The model exposes plain `prefill`, `decode` and `empty_cache` (see GemmaCausalLM); compiling
-them is the backend's business (`zoo.backends.compile_step`), keeping them is this module's. A
-compiled step keeps the weights it was made with, so `refresh()` makes the steps again once the
-model's set of weights has changed (`enable_lora` adds adapters); engines refresh once per
-`run` and `warm_up`, not on every step (listing the weights costs ~0.5 ms).
+Compiling is the backend's business (`zoo.backends.compile_step`). A compiled step keeps the
+weights it was made with, so `refresh()` makes them again once the set of weights has changed
+(`enable_lora`); engines refresh per `run` and `warm_up`, not per step (listing weights costs ~0.5 ms).
 """
 
 from zoo import backends

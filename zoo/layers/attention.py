@@ -1,24 +1,16 @@
 """Attention for every model: grouped-query, with masks, soft-capping and dropout, on each backend's fastest exact kernel.
 
-Shapes: q (b, t, n, h); k and v (b, s, k, h), k dividing n (g = n // k query heads per KV head);
-mask (b, t, s), True where a query may attend (its batch axis may be 1). Out: (b, t, n, h).
+q (b, t, n, h); k and v (b, s, k, h), k dividing n; mask (b, t, s), True where a query may attend.
+The kernels compute the same thing; the backend picks one for its device per call kind, "plain"
+or "masked" (`zoo.backends`: its `ATTENTION`); soft-capping and dropout take the reference.
+`zoo.backends.use_attention(name)` forces a kernel, `zoo.backends.describe()` shows the choice.
 
-The kernels compute the same thing in different ways. Which one runs is the backend's choice for
-its device (`zoo.backends`, its `ATTENTION` table), made per call kind: "plain" (no mask) or
-"masked". Soft-capping and attention dropout run on the reference kernel, which no fused kernel
-matches. `zoo.backends.use_attention(name)` forces a kernel; `zoo.backends.describe()` shows the choice.
-
-- reference: the references' eager computation, scores and softmax in float32 (Gemma's exact
-  form, masks as the float32 minimum, as transformers' masks are).
-- heads_first: heads-first batched products, the softmax left unnormalised until after the
-  product with v (the division then runs on t x h values instead of t x s); XLA:CPU's fastest.
-- heads_first_softmax: heads-first products around the backend's one-kernel softmax (TensorFlow).
-- fused: `keras.ops.dot_product_attention`, which picks the device's fused kernel (cuDNN flash
-  attention under JAX on a GPU).
-- sdpa: PyTorch's `scaled_dot_product_attention` (in `zoo.backends.torch`).
+- reference: the references' eager maths, softmax in float32, masks as float32's minimum.
+- heads_first: heads-first products, the softmax normalised after the product with v; XLA:CPU's fastest.
+- heads_first_softmax: the same around the backend's one-kernel softmax (TensorFlow's).
+- fused: `keras.ops.dot_product_attention` (the device's fused kernel: cuDNN's under JAX on a GPU).
+- sdpa: PyTorch's `scaled_dot_product_attention` (`zoo.backends.torch`).
 """
-
-from dataclasses import dataclass
 
 import numpy as np
 from keras import ops
@@ -70,48 +62,24 @@ def fused(q, k, v, scale, mask=None):
     return ops.dot_product_attention(q, k, v, mask=None if mask is None else mask[:, None], scale=scale)
 
 
-@dataclass(frozen=True)
-class Kernel:
-    run: object
-    masks: bool  # takes a mask
-    groups: bool  # takes fewer KV heads than query heads
-
-
-KERNELS = {
-    "reference": Kernel(reference, masks=True, groups=True),
-    "heads_first": Kernel(heads_first, masks=False, groups=False),
-    "heads_first_softmax": Kernel(heads_first_softmax, masks=False, groups=False),
-    "fused": Kernel(fused, masks=True, groups=True),
-    **{name: Kernel(run, masks=True, groups=True) for name, run in backends.attention_kernels().items()},
-}
+KERNELS = {"reference": reference, "heads_first": heads_first, "heads_first_softmax": heads_first_softmax,
+           "fused": fused, **backends.ATTENTION_KERNELS}
+PLAIN_ONLY = {"heads_first", "heads_first_softmax"}  # no mask, and as many KV heads as query heads
 
 
 def kernel_for(masked: bool, grouped: bool) -> str:
     """The kernel a call of this kind runs on: the forced one if it can, else the backend's choice if it can."""
     for name in (backends.forced_attention(), backends.attention_kernel(masked)):
-        if name is None:
-            continue
-        if name not in KERNELS:
-            raise BackendError(f"the attention kernel {name!r} does not run on this backend (see zoo.backends.describe())")
-        kernel = KERNELS[name]
-        if (kernel.masks or not masked) and (kernel.groups or not grouped):
+        if name is not None and name not in KERNELS:
+            raise BackendError(f"unknown attention kernel {name!r} on this backend; expected one of {sorted(KERNELS)}")
+        if name is not None and not (name in PLAIN_ONLY and (masked or grouped)):
             return name
     return "reference"
 
 
 def attention(q, k, v, scale: float, mask=None, softcap: float | None = None, dropout=None, training: bool = False):
-    """softmax(q k^T * scale [soft-capped] [masked]) v, per query head over its KV head; see the module docstring.
-
-    Args:
-        q, k, v: (b, t, n, h), (b, s, k, h), (b, s, k, h).
-        scale: multiplies the scores (1 / sqrt(h) for most models).
-        mask: (b, t, s) booleans, True where a query attends; None attends everywhere.
-        softcap: cap * tanh(scores / cap) before masking (Gemma 2).
-        dropout: a dropout layer applied to the attention weights when `training`.
-    """
+    """softmax(q k^T * scale, soft-capped as cap * tanh(scores / cap), masked) v, each query head over its
+    KV head; `dropout` (a layer) applies to the attention weights when `training`."""
     if softcap or (dropout is not None and training):
         return reference(q, k, v, scale, mask, softcap, dropout, training)
-    name = kernel_for(mask is not None, k.shape[2] != q.shape[2])
-    if name == "reference":
-        return reference(q, k, v, scale, mask)
-    return KERNELS[name].run(q, k, v, scale, mask)
+    return KERNELS[kernel_for(mask is not None, k.shape[2] != q.shape[2])](q, k, v, scale, mask)

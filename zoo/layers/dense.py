@@ -1,18 +1,11 @@
-"""Projections as Keras `EinsumDense` layers whose kernels keep the checkpoint's own layout.
+"""Projections as Keras `EinsumDense` layers whose kernels keep the checkpoint's own (out, in) layout.
 
-PyTorch checkpoints store a linear weight as (out, in). Keeping that layout (equations such as
-"btd,fd->btf", or "btd,nhd->btnh" into heads) makes loading a reshape instead of a transpose:
-NumPy transposes a 1 GB checkpoint in ~2.4 s on 2 cores, a reshape is free. The matrix products
-are as fast or faster in this layout on all three backends (ViT-B MLP, 2 cores: PyTorch 51 vs
-54 ms, JAX 61 vs 63 ms, TensorFlow 51 vs 56 ms).
-
-Every backend runs the product as one 2-D matmul of the flattened input with a 2-D view of the
-kernel, which each handles best: TensorFlow runs matmul on (b, t, d) inputs as a broadcast
-batched product (~30% slower than on (b*t, d)); XLA:CPU copies a 3-D heads kernel such as
-(n, h, d) into a transposed buffer on every call, but uses its (n*h, d) view in place; a traced
-PyTorch decode step is ~20% faster with matmul than with einsum, which re-parses its equation
-and permutes on every call. Only the float `call` is replaced: Keras' `enable_lora` (the
-`kernel` property merges the adapter) and quantisation keep working.
+Keeping PyTorch's layout ("btd,fd->btf", or "btd,nhd->btnh" into heads) makes loading a reshape
+instead of a transpose (~2.4 s for 1 GB on 2 cores), and the products are as fast or faster in it
+on every backend. Each runs as one 2-D matmul of the flattened input with a 2-D view of the
+kernel: TensorFlow's batched matmul on (b, t, d) is ~30% slower, XLA:CPU copies a 3-D heads kernel
+on every call, and PyTorch's einsum re-parses its equation each time. Only the float `call` is
+replaced: Keras' `enable_lora` and quantisation keep working.
 """
 
 import math

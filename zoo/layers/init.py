@@ -1,11 +1,9 @@
 """Weight initialisers that can be skipped while a checkpoint is about to overwrite the weights.
 
-Building a 1 GB model with random initialisers costs seconds that `from_preset` would throw
-away. Inside `skip_init()` every `Skippable` initialiser returns the backend's cheapest
-placeholder instead (`zoo.backends.placeholder`: untouched zero pages, or uninitialised memory on
-TensorFlow), the way transformers' `no_init_weights` does. The loader fills every such weight
-(it refuses a checkpoint that leaves one unfilled), and weights a model creates fresh are
-re-initialised after loading.
+Random initialisers on a 1 GB model cost seconds `from_preset` would throw away: inside
+`skip_init()` every `Skippable` initialiser returns the backend's cheapest placeholder
+(`zoo.backends.placeholder`), as transformers' `no_init_weights` does. The loader fills every
+such weight, and weights a model creates fresh are initialised after loading.
 """
 
 import contextlib

@@ -1,10 +1,7 @@
 """What every backbone and task shares: `from_preset`, `save_preset`, `export`, and Keras' predict function.
 
-A model class names its family and implements the hooks the loader calls (`zoo.loader`):
-`_from_folder(config, folder, dtype, **kwargs)` builds it, `key_map(config)` gives its
-checkpoint table for a config, `_fresh_weights()` and `_after_load()` deal with weights the
-checkpoint does not fill (a new head), and `_save_extras(folder)` writes files besides the
-weights (preprocessing, tokenizer).
+A model class names its family and implements the hooks below, which the loader (`zoo.loader`)
+and `save_preset` call.
 """
 
 import os

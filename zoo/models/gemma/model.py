@@ -226,33 +226,11 @@ class GemmaCausalLM(PresetModel):
         """A zeroed KV cache of `rows` sequences of up to `length` positions."""
         return self.backbone.empty_cache(rows, length)
 
-    # ------------------------------------------------------------------ generation
+    # ------------------------------------------------------------------ generation (zoo.generation)
 
-    def engine(self, rows: int, length: int):
-        """A GenerationEngine over `rows` slots of `length` positions (reused while its shape is asked for)."""
-        return generation.engine(self, rows, length)
-
-    def generate(self, prompt, max_new_tokens: int = 64, sampler="greedy", stop=None, *, temperature=None,
-                 top_k=None, top_p=None, seed=None, max_batch: int = 8, chat: bool = False):
-        """Generated text for a prompt, or a list of texts for a list of prompts.
-
-        Args:
-            prompt: a string or a list of strings (batched together).
-            max_new_tokens: the most tokens to generate per prompt.
-            sampler: "greedy", "top_k", "top_p", "random", or a `zoo.generation.Sampler`.
-            stop: stop strings and/or stop token ids, besides the model's end-of-sequence tokens.
-            temperature, top_k, top_p, seed: override the sampler's settings.
-            max_batch: the most prompts decoded together.
-            chat: wrap each prompt as a user turn with the tokenizer's chat template.
-        """
-        return generation.generate(self, prompt, max_new_tokens, sampler, stop, temperature=temperature, top_k=top_k,
-                                   top_p=top_p, seed=seed, max_batch=max_batch, chat=chat)
-
-    def stream(self, prompt: str, max_new_tokens: int = 64, sampler="greedy", stop=None, *, temperature=None,
-               top_k=None, top_p=None, seed=None, chat: bool = False):
-        """Yields text pieces as tokens are made; the pieces join to what `generate` returns."""
-        return generation.stream(self, prompt, max_new_tokens, sampler, stop, temperature=temperature, top_k=top_k,
-                                 top_p=top_p, seed=seed, chat=chat)
+    engine = generation.engine
+    generate = generation.generate
+    stream = generation.stream
 
     # ------------------------------------------------------------------ presets
 

@@ -84,14 +84,9 @@ class ViTLayer(keras.layers.Layer):
     """Pre-norm encoder block: x + attn(norm(x)), then x + mlp(norm(x)).
 
     The MLP is fc2(act(fc1(x))), or with `config.gated_mlp` fc2(act(gate_proj(x)) * up_proj(x))
-    (timm's SwiGLUPacked, whose fc1 holds the gate's rows, then the up projection's).
-
-    The block holds the weights of its two LayerNorms (`layernorm_before_gamma`, ...) and its
-    attention projections (`q_proj`, `k_proj`, `v_proj`, `o_proj`) itself, not in LayerNorm and
-    attention sublayers: a Keras layer costs ~0.2 ms to make and build on TensorFlow, and those
-    were 3 of the 10 per block (60 of the 206 of benchmarks/load.py's ViT, whose first load on
-    TensorFlow they made ~7% slower). The projections stay Keras layers of their own, for
-    `enable_lora` and quantisation.
+    (timm's SwiGLUPacked, whose fc1 holds the gate's rows, then the up projection's). The block
+    holds its LayerNorms' weights itself and its projections directly, without norm or attention
+    sublayers: every Keras layer costs ~0.2 ms to make on TensorFlow.
     """
 
     def __init__(self, config: ViTConfig, hidden_dropout: float = 0.0, attention_dropout: float = 0.0, **kwargs):

@@ -21,15 +21,10 @@ from zoo.models.vit.preprocess import PREPROCESSOR_FILE, ImagePreprocessor
 class ViTBackbone(PresetModel):
     """Vision Transformer encoder: images `(b, h, w, c)` -> hidden states `(b, prefix + patches, d)`.
 
-    The prefix is the [CLS] token and any register tokens (`config.num_prefix_tokens`, 1 for a
-    Hugging Face ViT). The hidden states are normalised unless the config normalises after
-    pooling or not at all (`config.final_norm`); `pool` gives one vector per image.
-
-    Args:
-        config: the architecture.
-        image_size: input resolution if different from `config.image_size`; the position
-            embeddings are then resampled bicubically, as transformers' `interpolate_pos_encoding`.
-        hidden_dropout, attention_dropout: dropout rates used when training.
+    The prefix is the [CLS] and register tokens (`config.num_prefix_tokens`); the states are
+    normalised unless `config.final_norm` says otherwise; `pool` gives one vector per image.
+    `image_size` builds it for another resolution (position embeddings resampled bicubically, as
+    transformers' `interpolate_pos_encoding`); the dropout rates apply when training.
 
     Example:
         >>> cfg = ViTConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,

@@ -45,10 +45,6 @@ class ImagePreprocessor:
     num_channels: int = 3
     source_format: str = "hf"
 
-    @property
-    def output_size(self) -> tuple[int, int] | None:
-        return self.crop_size or self.size
-
     # ------------------------------------------------------------------ readers and writers
 
     @classmethod
