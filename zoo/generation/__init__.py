@@ -2,7 +2,7 @@
 
 from zoo.errors import GenerationError
 from zoo.generation.api import generate, stream
-from zoo.generation.engine import Event, GenerationEngine, Request, bucket, engine, make_request
+from zoo.generation.engine import Event, GenerationEngine, Request, bucket, engine_for, make_request
 from zoo.generation.samplers import (
     GreedySampler,
     RandomSampler,
@@ -14,5 +14,5 @@ from zoo.generation.steps import compiled_steps
 from zoo.generation.text import TextStream
 
 __all__ = ["Event", "GenerationEngine", "GenerationError", "GreedySampler", "RandomSampler", "Request", "Sampler",
-           "TextStream", "TopKSampler", "TopPSampler", "bucket", "compiled_steps", "engine", "generate",
+           "TextStream", "TopKSampler", "TopPSampler", "bucket", "compiled_steps", "engine_for", "generate",
            "make_request", "stream"]

@@ -7,7 +7,7 @@ two up to `max_batch` for several, positions for the longest prompt and its new 
 
 from zoo.errors import ConfigError, GenerationError
 from zoo.generation import samplers
-from zoo.generation.engine import bucket, engine, make_request
+from zoo.generation.engine import bucket, engine_for, make_request
 
 
 def _requests(model, prompts: list, max_new_tokens, sampler, stop, max_batch, chat: bool, overrides: dict):
@@ -26,7 +26,7 @@ def _requests(model, prompts: list, max_new_tokens, sampler, stop, max_batch, ch
     longest = max(len(r.prompt_ids) for r in requests)
     rows = bucket(len(prompts), max_batch) if len(prompts) > 1 else 1
     limit = model.config.max_position_embeddings
-    chosen_engine = engine(model, rows, bucket(longest + max_new_tokens, limit))
+    chosen_engine = engine_for(model, rows, bucket(longest + max_new_tokens, limit))
     return chosen_engine, [chosen_engine.enqueue(r) for r in requests]
 
 

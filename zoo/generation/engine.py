@@ -84,7 +84,7 @@ def make_request(model, prompt_ids, max_new_tokens, sampler: Sampler | None = No
     return request
 
 
-def engine(model, rows: int, length: int) -> "GenerationEngine":
+def engine_for(model, rows: int, length: int) -> "GenerationEngine":
     """The model's engine over `rows` slots of `length` positions, reused while its shape is asked for."""
     engines = steps.state(model).engines
     if (rows, length) not in engines:

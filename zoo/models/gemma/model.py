@@ -228,7 +228,7 @@ class GemmaCausalLM(PresetModel):
 
     # ------------------------------------------------------------------ generation (zoo.generation)
 
-    engine = generation.engine
+    engine = generation.engine_for
     generate = generation.generate
     stream = generation.stream
 
