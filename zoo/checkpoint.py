@@ -162,6 +162,9 @@ def _files_from_index(folder: Path) -> dict[Path, list[str]]:
         raise CorruptCheckpointError(f"{index_path}: expected {WEIGHT_MAP}, got {weight_map!r:.100}")
     files: dict[Path, list[str]] = {}
     for name, file_name in weight_map.items():
+        if not (isinstance(file_name, str) and file_name == Path(file_name).name and file_name not in (".", "..")):
+            raise CorruptCheckpointError(f"{index_path}: tensor {name!r} should be a file name in the model folder, "
+                                         f"got {file_name!r:.100}")
         path = folder / file_name
         if not path.is_file():
             raise CorruptCheckpointError(f"{index_path} places tensor {name!r} in {file_name}, which is not in {folder}")

@@ -20,7 +20,7 @@ def read_json(path: Path, expected: type = dict, error: type[Exception] = Config
     except OSError as e:
         raise error(f"{path}: cannot be read: {e.strerror or e}") from None
     if not isinstance(value, expected):
-        kind = {dict: "an object", list: "a list"}.get(expected, expected.__name__)
+        kind = {dict: "object", list: "list"}.get(expected, expected.__name__)
         raise error(f"{path}: expected a JSON {kind}, got {type(value).__name__}")
     return value
 

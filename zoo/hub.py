@@ -108,6 +108,8 @@ _SOURCES: dict[str, dict] = {}
 
 def resolve(preset: str | os.PathLike, revision: str | None = None) -> Path:
     """A local folder holding the preset's config.json and weights, downloading it if needed."""
+    if not (isinstance(preset, os.PathLike) or (isinstance(preset, str) and preset.strip())):
+        raise PresetNotFoundError(f"expected a preset name, a hf:// or kaggle:// handle, or a folder; got {preset!r}")
     if _is_path(preset):
         folder = Path(preset).expanduser()
         if not folder.is_dir():

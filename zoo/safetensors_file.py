@@ -202,6 +202,10 @@ def read_header(path: Path) -> dict[str, tuple[tuple[int, ...], str, int]]:
     return {name: (shape, dtype, start + raw[name]["data_offsets"][0]) for name, (shape, dtype) in header.items()}
 
 
+def _ints(value) -> bool:
+    return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+
+
 def _diagnose(path: Path, error: Exception) -> str:
     """Says which part of a file the safetensors library rejected, naming the tensor if one lies."""
     prefix = f"{path.name}: not a valid safetensors file ({error})"
@@ -215,17 +219,19 @@ def _diagnose(path: Path, error: Exception) -> str:
             return f"{prefix}: the header claims {n} bytes but the file has {size - 8} after the length; truncated?"
         try:
             header = json.loads(f.read(n))
-        except ValueError:
+        except (ValueError, RecursionError):
             return f"{prefix}: the header is not valid JSON; the file is corrupt"
+    if not isinstance(header, dict):
+        return f"{prefix}: the header is not a JSON object but a {type(header).__name__}"
     data_size = size - 8 - n
     header.pop("__metadata__", None)
     end = 0
     for name, entry in header.items():
-        try:
-            begin, stop = entry["data_offsets"]
-            nbytes = math.prod(entry["shape"]) * DTYPE_SIZES[entry["dtype"]]
-        except (KeyError, TypeError, ValueError):
-            return f"{prefix}: the header entry for tensor {name!r} is malformed: {entry!r}"
+        if not (isinstance(entry, dict) and _ints(entry.get("shape")) and _ints(entry.get("data_offsets"))
+                and len(entry["data_offsets"]) == 2 and entry.get("dtype") in DTYPE_SIZES):
+            return f"{prefix}: the header entry for tensor {name!r} is malformed: {entry!r:.200}"
+        begin, stop = entry["data_offsets"]
+        nbytes = math.prod(entry["shape"]) * DTYPE_SIZES[entry["dtype"]]
         if stop - begin != nbytes:
             return (
                 f"{prefix}: tensor {name!r} is declared {entry['dtype']} {tuple(entry['shape'])} "

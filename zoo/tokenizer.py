@@ -26,6 +26,22 @@ def _content(token) -> str | None:
     return token.get("content") if isinstance(token, dict) else token
 
 
+def _checked(config: dict, file: str) -> dict:
+    """A tokenizer config's special tokens (strings, or objects with a 'content' string) and chat template
+    (a string, or a list of {"name", "template"} strings), checked before anything uses them."""
+    for name in SPECIAL_NAMES:
+        if config.get(name) is not None and not isinstance(_content(config[name]), str):
+            raise ConfigError(f"{file}: field {name!r} should be a token (a string, or an object with a 'content' "
+                              f"string), got {config[name]!r:.100}")
+    template = config.get("chat_template")
+    named = isinstance(template, list) and all(
+        isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str) for t in template)
+    if template is not None and not (isinstance(template, str) or named):
+        raise ConfigError(f"{file}: field 'chat_template' should be a template or a list of "
+                          f"{{\"name\", \"template\"}} objects, got {template!r:.100}")
+    return config
+
+
 class Tokenizer:
     """A checkpoint's tokenizer.
 
@@ -66,7 +82,7 @@ class Tokenizer:
         config = {}
         for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins
             if (folder / name).is_file():
-                config.update(read_json(folder / name))
+                config.update(_checked(read_json(folder / name), name))
         template = config.get("chat_template")
         if (folder / "chat_template.jinja").is_file():
             template = (folder / "chat_template.jinja").read_text()

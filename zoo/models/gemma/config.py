@@ -161,7 +161,7 @@ class GemmaConfig:
         if layer_types is None and sliding:
             every = get.integer("sliding_window_pattern", family.global_every)
             layer_types = [SLIDING if (i + 1) % every else FULL for i in range(layers)]
-        eos = _token_ids(raw, "eos_token_id", 1, where)
+        eos = token_ids(raw, "eos_token_id", 1, where)
         return cls(
             model_type=model_type,
             vocab_size=get.integer("vocab_size"),
@@ -245,7 +245,7 @@ def _token_id(raw: dict, key: str, default: int, where: str) -> int | None:
     return value
 
 
-def _token_ids(raw: dict, key: str, default: int, where: str) -> tuple[int, ...]:
+def token_ids(raw: dict, key: str, default: int, where: str) -> tuple[int, ...]:
     """One token id, a list of them (eos_token_id) or null, as a tuple."""
     value = raw.get(key, default)
     ids = value if isinstance(value, list) else [] if value is None else [value]

@@ -23,7 +23,7 @@ from zoo.layers.dense import einsum_dense
 from zoo.layers.norms import RMSNorm
 from zoo.models.base import PresetModel
 from zoo.models.gemma import checkpoint_map
-from zoo.models.gemma.config import FULL, SLIDING, GemmaConfig, Rope
+from zoo.models.gemma.config import FULL, SLIDING, GemmaConfig, Rope, token_ids
 from zoo.models.gemma.layers import GemmaDecoderLayer
 from zoo.tokenizer import Tokenizer
 
@@ -249,8 +249,8 @@ class GemmaCausalLM(PresetModel):
                 )
         stop = set(config.eos_token_id)
         if (folder / "generation_config.json").is_file():
-            eos = read_json(folder / "generation_config.json").get("eos_token_id")
-            stop |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+            raw = read_json(folder / "generation_config.json")
+            stop |= set(token_ids(raw, "eos_token_id", None, "generation_config.json"))
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             stop.add(tokenizer.eos_token_id)
         return cls(config, tokenizer=tokenizer, stop_token_ids=stop, dtype=dtype, **kwargs)

@@ -141,7 +141,7 @@ class ViTImageClassifier(PresetModel):
         """Top-k labels per image: `[[{"label": name, "score": probability}, ...], ...]`."""
         for name, value in (("top_k", top_k), ("batch_size", batch_size)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+                raise ConfigError(f"{name} must be a positive int, got {value!r}")
         pixels = self.preprocess(images)
         logits = np.concatenate([
             ops.convert_to_numpy(self.predict_on_batch(pixels[i:i + batch_size]))
@@ -160,6 +160,8 @@ class ViTImageClassifier(PresetModel):
 
     @classmethod
     def _from_folder(cls, config, folder: Path, dtype: str, num_labels: int | None = None, labels=None, **kwargs):
+        if num_labels is not None and (not isinstance(num_labels, int) or isinstance(num_labels, bool) or num_labels < 1):
+            raise ConfigError(f"num_labels: expected a positive int, got {num_labels!r}")
         fresh = (num_labels is not None and num_labels != config.num_labels) or labels is not None
         if config.headless and not fresh:
             raise ConfigError(
@@ -170,7 +172,7 @@ class ViTImageClassifier(PresetModel):
             if isinstance(labels, str):
                 raise ConfigError(f"labels: expected a list of label names, got the string {labels!r}")
             labels = tuple(labels) if labels is not None else ()
-            if not all(isinstance(name, str) for name in labels):
+            if not all(isinstance(name, str) for name in labels) or (labels == () and num_labels is None):
                 raise ConfigError(f"labels: expected label names (strings), got {list(labels)[:5]!r}")
             config = config.replace(num_labels=len(labels) if labels else num_labels, id2label=labels)
         preprocessor = _read_preprocessor(config, folder, kwargs.get("image_size"))

@@ -118,6 +118,8 @@ class ImagePreprocessor:
 
     def _one(self, image) -> np.ndarray:
         pil = to_pil(image, self.num_channels)
+        if 0 in pil.size:
+            raise ImageError(f"an empty image ({pil.size[0]}x{pil.size[1]}): nothing to classify")
         if self.size is not None:
             pil = pil.resize((self.size[1], self.size[0]), resample=self.resample)
         elif self.shortest_edge is not None:
