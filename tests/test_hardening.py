@@ -3,6 +3,7 @@
 import json
 import shutil
 import struct
+import time
 
 import numpy as np
 import pytest
@@ -120,3 +121,24 @@ def test_classifier_arguments(vit):
         clf.predict_labels([np.zeros((8, 8), np.uint8)], top_k=0)
     with pytest.raises(ImageError, match=r"an empty image \(0x0\)"):
         clf.predict_labels([np.zeros((0, 0, 3), np.uint8)])
+
+
+@pytest.mark.parametrize("preset, edit", [
+    ("gemma", lambda raw: dict(raw, vocab_size=50_000_000)),
+    ("gemma", lambda raw: {**{k: v for k, v in raw.items() if k != "layer_types"}, "num_hidden_layers": 1_000_000}),
+    ("vit", lambda raw: dict(raw, hidden_size=10_000_000, num_attention_heads=1)),
+])
+def test_a_config_larger_than_its_checkpoint_is_refused_before_building(request, preset, edit):
+    """Nothing is allocated for a lying config: the refusal comes at once, naming both sizes."""
+    folder = request.getfixturevalue(preset)
+    edit_json(folder / "config.json", edit)
+    started = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"config\.json describes a model of [\d,]+ parameters .* the checkpoint holds"):
+        zoo.from_preset(folder)
+    assert time.perf_counter() - started < 5
+
+
+def test_a_huge_resolution_builds_without_a_huge_resampling_matrix(vit):
+    """image_size far beyond the checkpoint's grid: the position resampling is two small matrices."""
+    backbone = zoo.ViTBackbone.from_preset(vit, image_size=100_000)
+    assert sum(m.nbytes for m in backbone.embeddings.resample) < 2**20

@@ -11,7 +11,7 @@ import zoo
 from timm_reference import LABELS, SIZE, VARIANTS
 from keras.ops import convert_to_numpy as to_numpy
 from zoo.errors import ConfigError
-from zoo.layers.interpolate import bicubic_grid_matrix
+from zoo.layers.interpolate import bicubic_grid_matrices
 from zoo.models.vit.config import ViTConfig
 
 TOL = 1e-4
@@ -66,7 +66,7 @@ def test_timm_resamples_positions_as_timm(tmp_path):
         want = torch.nn.functional.interpolate(
             torch.from_numpy(pos[0, 1:].T.reshape(1, -1, 3, 3).copy()), size=(grid, grid), mode="bicubic",
             align_corners=False, antialias=True)[0].reshape(pos.shape[-1], -1).T.numpy()
-        got = clf.backbone.embeddings.resample @ pos[0, 1:]
+        got = np.kron(*clf.backbone.embeddings.resample) @ pos[0, 1:]
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
         assert to_numpy(clf(images(1, size))).shape == (1, LABELS)
 
@@ -75,7 +75,7 @@ def test_timm_resamples_positions_as_timm(tmp_path):
 def test_antialiased_bicubic_matrix_matches_torch(grid_in, grid_out):
     x = torch.randn(1, 4, *grid_in, dtype=torch.float64)
     want = torch.nn.functional.interpolate(x, size=grid_out, mode="bicubic", align_corners=False, antialias=True)
-    got = bicubic_grid_matrix(grid_in, grid_out, antialias=True).astype(np.float64) @ x[0].reshape(4, -1).T.numpy()
+    got = np.kron(*bicubic_grid_matrices(grid_in, grid_out, antialias=True)).astype(np.float64) @ x[0].reshape(4, -1).T.numpy()
     np.testing.assert_allclose(got, want[0].reshape(4, -1).T.numpy(), atol=1e-6, rtol=0)
 
 

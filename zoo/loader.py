@@ -8,6 +8,7 @@ in (`key_map.load`). The model class gives the hooks (`zoo.models.base.PresetMod
 
 import contextlib
 import gc
+import math
 import os
 from pathlib import Path
 
@@ -84,6 +85,11 @@ def from_preset(cls, preset: str | os.PathLike, dtype: str | None = None, **kwar
         )
     config = fmt.read_config(raw)
     checkpoint = Checkpoint.open(folder)
+    held, declared = sum(math.prod(t.shape) for t in checkpoint.tensors.values()), config.num_params(with_head=False)
+    if declared > 2 * held + 10**6:  # far too large: building it would allocate (and fail, or swap) before the
+        # headers are compared; a near miss goes on to the plan, whose errors name the tensor
+        raise ConfigError(f"{folder / CONFIG_FILE} describes a model of {declared:,} parameters (without a head), but "
+                          f"the checkpoint holds {held:,}; does config.json belong to this checkpoint?")
     dtype = dtype or config.dtype
     weight_dtype = host_dtype(keras.DTypePolicy(dtype).variable_dtype)
     if backends.read_mapped is None:  # reads (and casts) while the layers are built

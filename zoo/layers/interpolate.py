@@ -1,8 +1,8 @@
 """Resampling matrices that reproduce PyTorch's `interpolate(mode="bicubic", align_corners=False)`,
 with or without `antialias` (transformers resamples ViT position embeddings without, timm with).
 
-Position embeddings are resampled to a new patch grid as a matrix product with a constant
-matrix built here in NumPy, so the result is identical on every backend (the backends' own
+Position embeddings are resampled to a new patch grid as products with constant matrices
+built here in NumPy, so the result is identical on every backend (the backends' own
 bicubic resizes use other kernels: TensorFlow and JAX a=-0.5, PyTorch a=-0.75).
 """
 
@@ -65,7 +65,9 @@ def antialiased_bicubic_matrix(size_in: int, size_out: int) -> np.ndarray:
     return m
 
 
-def bicubic_grid_matrix(grid_in: tuple[int, int], grid_out: tuple[int, int], antialias: bool = False) -> np.ndarray:
-    """Matrix (out_h*out_w, in_h*in_w) resampling a row-major flattened grid."""
+def bicubic_grid_matrices(grid_in: tuple[int, int], grid_out: tuple[int, int],
+                          antialias: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Matrices (out_h, in_h) and (out_w, in_w) resampling a grid's columns and rows: the resampling is
+    separable, so their (out_h*out_w, in_h*in_w) Kronecker product never has to exist."""
     one = antialiased_bicubic_matrix if antialias else bicubic_matrix
-    return np.kron(one(grid_in[0], grid_out[0]), one(grid_in[1], grid_out[1])).astype(np.float32)
+    return one(grid_in[0], grid_out[0]).astype(np.float32), one(grid_in[1], grid_out[1]).astype(np.float32)

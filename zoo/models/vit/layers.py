@@ -9,7 +9,7 @@ from zoo.errors import ImageError
 from zoo.layers import activations, init
 from zoo.layers.attention import attention
 from zoo.layers.dense import einsum_dense, linear
-from zoo.layers.interpolate import bicubic_grid_matrix
+from zoo.layers.interpolate import bicubic_grid_matrices
 from zoo.layers.norms import layer_norm
 from zoo.models.vit.config import ViTConfig
 
@@ -38,7 +38,7 @@ class ViTEmbeddings(keras.layers.Layer):
         grid = (self.image_size[0] // config.patch_size[0], self.image_size[1] // config.patch_size[1])
         # Resample only when the grid changes, as transformers' interpolate_pos_encoding (bicubic) and
         # timm's resample_abs_pos_embed (bicubic, antialiased) do.
-        self.resample = None if grid == config.grid_size else bicubic_grid_matrix(
+        self.resample = None if grid == config.grid_size else bicubic_grid_matrices(
             config.grid_size, grid, antialias=config.antialias_positions)
         self.cls_token = self.register_tokens = None
 
@@ -71,8 +71,10 @@ class ViTEmbeddings(keras.layers.Layer):
         pos = ops.cast(self.position_embeddings, x.dtype)
         if self.resample is not None:
             first = self.config.num_prefix_tokens if self.config.prefix_positions else 0
-            patches = ops.einsum("qp,pd->qd", ops.cast(self.resample, x.dtype), pos[0, first:])  # (p', d)
-            pos = ops.concatenate([pos[:, :first], patches[None]], axis=1)  # (1, first + p', d)
+            rows, cols = (ops.cast(m, x.dtype) for m in self.resample)  # (h', h), (w', w)
+            grid = ops.reshape(pos[0, first:], (*self.config.grid_size, d))  # (h, w, d)
+            grid = ops.einsum("xw,ywd->yxd", cols, ops.einsum("yh,hwd->ywd", rows, grid))  # (h', w', d)
+            pos = ops.concatenate([pos[:, :first], ops.reshape(grid, (1, -1, d))], axis=1)  # (1, first + p', d)
         if self.config.prefix_positions:
             x = ops.concatenate([*front, x], axis=1) + pos  # (b, prefix + p, d)
         else:
