@@ -2,7 +2,6 @@
 
 import functools
 
-import keras
 import numpy as np
 import tensorflow as tf
 from keras import ops
