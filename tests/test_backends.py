@@ -2,6 +2,9 @@
 
 import ast
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import keras
@@ -224,10 +227,6 @@ def test_the_choice_is_visible_and_can_be_forced():
 
 def test_a_backend_outside_the_fence_is_refused_at_import():
     """Keras on its NumPy backend: `import zoo` says which backends keras-zoo runs on, instead of failing later."""
-    import os
-    import subprocess
-    import sys
-
     env = dict(os.environ, KERAS_BACKEND="numpy")
     done = subprocess.run([sys.executable, "-c", "import zoo"], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
