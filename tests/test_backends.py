@@ -111,7 +111,7 @@ TIERS = [
     ("fence, hub", lambda n: fenced(n) or n in ("zoo.hub", "zoo.presets")),
     ("loading, layers", lambda n: n in ("zoo.checkpoint", "zoo.safetensors_file", "zoo.key_map", "zoo.loader",
                                         "zoo.tokenizer") or n.startswith("zoo.layers")),
-    ("models, generation", lambda n: n.startswith(("zoo.models", "zoo.generation"))),
+    ("models, lora, generation", lambda n: n.startswith(("zoo.models", "zoo.lora", "zoo.generation"))),
     ("face", lambda n: n == "zoo"),
     ("server, cli, tools", lambda n: n.startswith(("zoo.serving", "zoo.checkpoints_tools")) or n == "zoo.cli"),
 ]

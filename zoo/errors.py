@@ -15,6 +15,10 @@ class ConfigError(ZooError, ValueError):
     """A `config.json` field is missing, malformed or has a value we cannot honour."""
 
 
+class AdapterError(ConfigError):
+    """A LoRA adapter that cannot be made, loaded or used as asked (its config, targets or name)."""
+
+
 class UnknownArchitectureError(ConfigError):
     """The config names a `model_type` or timm `architecture` keras-zoo does not implement."""
 

@@ -29,6 +29,7 @@ MODEL_FILES = (
     "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
     "chat_template.jinja", "preprocessor_config.json",
 )
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # a PEFT adapter folder
 # Kaggle's model frameworks; keras-zoo reads the Hugging Face layout, which Kaggle files under "transformers".
 KAGGLE_FRAMEWORKS = {
     "transformers", "keras", "pytorch", "jax", "flax", "tensorflow2", "tensorflow1", "tfjs", "tflite", "onnx", "gguf",
@@ -106,8 +107,11 @@ def short_name(preset: str | os.PathLike) -> str:
 _SOURCES: dict[str, dict] = {}
 
 
-def resolve(preset: str | os.PathLike, revision: str | None = None) -> Path:
-    """A local folder holding the preset's config.json and weights, downloading it if needed."""
+def resolve(preset: str | os.PathLike, revision: str | None = None, adapter: bool = False) -> Path:
+    """A local folder holding the preset's config.json and weights, downloading it if needed.
+
+    With `adapter`, the handle names a PEFT adapter (adapter_config.json and its weights) instead.
+    """
     if not (isinstance(preset, os.PathLike) or (isinstance(preset, str) and preset.strip())):
         raise PresetNotFoundError(f"expected a preset name, a hf:// or kaggle:// handle, or a folder; got {preset!r}")
     if _is_path(preset):
@@ -119,7 +123,9 @@ def resolve(preset: str | os.PathLike, revision: str | None = None) -> Path:
         h = parse(preset)
         if revision and h.scheme == "hf":
             h = Handle("hf", h.repo, revision)
-        return _download(h)
+        return _download(h, adapter)
+    if adapter:
+        raise PresetNotFoundError(f"{preset!r}: expected an adapter folder or an hf:// or kaggle:// handle")
     card = presets.get(preset)
     if card.folder is not None:
         return card.folder
@@ -139,8 +145,8 @@ def resolve(preset: str | os.PathLike, revision: str | None = None) -> Path:
     raise HubError(f"preset {preset!r}: no source could be read:\n  " + "\n  ".join(errors))
 
 
-def _download(h: Handle) -> Path:
-    folder, source = _download_hf(h) if h.scheme == "hf" else _download_kaggle(h)
+def _download(h: Handle, adapter: bool = False) -> Path:
+    folder, source = _download_hf(h, adapter=adapter) if h.scheme == "hf" else _download_kaggle(h)
     _SOURCES[str(folder)] = source
     return folder
 
@@ -179,20 +185,22 @@ def _hf_offline() -> bool:
     return is_offline() or constants.HF_HUB_OFFLINE
 
 
-def _download_hf(h: Handle, cache_only: bool = False) -> tuple[Path, dict]:
+def _download_hf(h: Handle, cache_only: bool = False, adapter: bool = False) -> tuple[Path, dict]:
     """snapshot_download resolves the revision to a commit once and fetches every file from it; when
     the Hub cannot be reached (or offline mode is on) it answers from the cache."""
     import huggingface_hub
 
     try:
-        folder = Path(huggingface_hub.snapshot_download(h.repo, revision=h.revision, allow_patterns=list(MODEL_FILES),
+        files = ADAPTER_FILES if adapter else MODEL_FILES
+        folder = Path(huggingface_hub.snapshot_download(h.repo, revision=h.revision, allow_patterns=list(files),
                                                         local_files_only=cache_only or _hf_offline()))
     except Exception as e:  # huggingface_hub's typed errors, and its HTTP library's for network failures
         raise _hf_error(e, h) from e
     where = f"hf://{h.repo}@{folder.name}"
     found = sorted(p.name for p in folder.iterdir())
-    if not (folder / "config.json").is_file():
-        raise HubError(f"{where}: the repository has no config.json; found {found[:8]}")
+    config = ADAPTER_FILES[0] if adapter else "config.json"
+    if not (folder / config).is_file():
+        raise HubError(f"{where}: the repository has no {config}; found {found[:8]}")
     if not any(name.endswith(".safetensors") for name in found):
         raise HubError(f"{where}: the repository has no .safetensors weights (keras-zoo reads safetensors only; "
                        "other weight formats are not downloaded)")

@@ -191,7 +191,7 @@ def export(rows: list[Row], weights: dict) -> list[PendingTensor]:
     for row in rows:
         if not row.targets:
             continue
-        for index in _layer_indices(row, weights):
+        for index in layer_indices(row, weights):
             targets = [t.replace("{i}", index) if index is not None else t for t in row.targets]
             written.update(targets)
             variables = [weights[t] for t in targets]
@@ -214,7 +214,7 @@ def export(rows: list[Row], weights: dict) -> list[PendingTensor]:
     return pending
 
 
-def _layer_indices(row: Row, weights: dict) -> list[str | None]:
+def layer_indices(row: Row, weights: dict) -> list[str | None]:
     first = row.targets[0]
     if "{i}" not in first:
         return [None] if first in weights else []

@@ -18,6 +18,8 @@ backend runs; the rest of the package is `keras.ops`. Each backend module provid
   replaces), `set_value(variable, array)` (a fresh host array becomes the weight, without a copy
   where the backend allows), `read_mapped(path, names)` (tensors as views of the file's mapping)
   or None, `adopts_host_buffers()` and `read_ahead_threads(bounded)`.
+- `track_weights(layer, variables)`, `untrack_weights(layer, variables)`: weights added to a built
+  layer (LoRA adapters) or removed from it, made known to the framework's own module where it keeps one.
 """
 
 import contextlib
@@ -39,6 +41,7 @@ write_slices, compile_step, make_predict_function = (_current.write_slices, _cur
 placeholder, set_value, read_mapped = _current.placeholder, _current.set_value, _current.read_mapped
 adopts_host_buffers, read_ahead_threads = _current.adopts_host_buffers, _current.read_ahead_threads
 ATTENTION_KERNELS = _current.ATTENTION_KERNELS
+track_weights, untrack_weights = _current.track_weights, _current.untrack_weights
 _forced: str | None = None  # use_attention's kernel
 
 

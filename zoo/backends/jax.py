@@ -99,3 +99,14 @@ def read_ahead_threads(bounded: bool) -> int:
     # help (the 1 GB ViT on 2 vCPUs: 0.91-1.04 s with four, 1.17-1.71 s with one); within one they only
     # take the caller's CPU.
     return 1 if bounded else 4
+
+
+# ----------------------------------------------------------------------------- weights added after build
+
+
+def track_weights(layer, variables) -> None:
+    """Nothing to do: the trainers read `layer.variables`, which lists weights added after build."""
+
+
+def untrack_weights(layer, variables) -> None:
+    """Nothing to do (see `track_weights`)."""

@@ -104,3 +104,14 @@ def adopts_host_buffers() -> bool:
 
 def read_ahead_threads(bounded: bool) -> int:
     return 1  # TensorFlow's variable creation competes with more readers for the CPU
+
+
+# ----------------------------------------------------------------------------- weights added after build
+
+
+def track_weights(layer, variables) -> None:
+    """Nothing to do: the trainers read `layer.variables`, which lists weights added after build."""
+
+
+def untrack_weights(layer, variables) -> None:
+    """Nothing to do (see `track_weights`)."""

@@ -183,3 +183,20 @@ def adopts_host_buffers() -> bool:
 
 def read_ahead_threads(bounded: bool) -> int:
     return 1  # unused: the file's mapping serves every read
+
+
+# ----------------------------------------------------------------------------- weights added after build
+
+
+def track_weights(layer, variables) -> None:
+    """Keras' torch layers list their parameters in `torch_params`; weights added after build (LoRA
+    adapters) go there too, so that torch's `zero_grad`, `parameters()` and `state_dict` see them."""
+    for v in variables:
+        layer.torch_params[v.path.replace(".", "_")] = v.value
+
+
+def untrack_weights(layer, variables) -> None:
+    for v in variables:
+        key = v.path.replace(".", "_")
+        if key in layer.torch_params:
+            layer.torch_params.pop(key)

@@ -2,7 +2,7 @@
 
 Compiling is the backend's business (`zoo.backends.compile_step`). A compiled step keeps the
 weights it was made with, so `refresh()` makes them again once the set of weights has changed
-(`enable_lora`); engines refresh per `run` and `warm_up`, not per step (listing weights costs ~0.5 ms).
+(`enable_lora`) or the active adapter has (`set_adapter`); engines refresh per `run` and `warm_up`, not per step (listing weights costs ~0.5 ms).
 """
 
 from zoo import backends
@@ -17,7 +17,7 @@ class CompiledSteps:
         self.refresh()
 
     def refresh(self) -> None:
-        signature = backends.weights_signature(self.model)
+        signature = self.model.program_signature()
         if signature != self._signature:
             self.prefill = backends.compile_step(self.model, self.model.prefill, cache_arg=3)
             self.decode = backends.compile_step(self.model, self.model.decode, cache_arg=2)

@@ -5,10 +5,15 @@ instead of a transpose (~2.4 s for 1 GB on 2 cores), and the products are as fas
 on every backend. Each runs as one 2-D matmul of the flattened input with a 2-D view of the
 kernel: TensorFlow's batched matmul on (b, t, d) is ~30% slower, XLA:CPU copies a 3-D heads kernel
 on every call, and PyTorch's einsum re-parses its equation each time. Only the float `call` is
-replaced: Keras' `enable_lora` and quantisation keep working.
+replaced: Keras' quantisation keeps working.
+
+A projection also carries the LoRA adapters `zoo.lora` puts on it (`adapters`, `active`): named,
+added and removed after the model is built, so they sit outside Keras' tracked state and are
+listed by `weights`/`variables` (the trainers, the optimizer and compiled steps see them there).
 """
 
 import math
+from dataclasses import dataclass, field
 
 import keras
 from keras import ops
@@ -30,6 +35,57 @@ def _parse(equation: str) -> tuple[str, str, str, bool]:
     return batch, contracted, out, out_first
 
 
+def _dtype(x) -> str:
+    return keras.backend.standardize_dtype(x.dtype)
+
+
+@dataclass(eq=False)
+class LowRank:
+    """One LoRA adapter on one projection: adds `scale * dropout(x) @ lora_A.T @ lora_B.T`.
+
+    `lora_A` (r, in) and `lora_B` (out, r) have PEFT's shapes over the kernel's (out, in) view;
+    dropout applies to the adapter's input when training, as PEFT's does.
+    """
+
+    lora_A: keras.Variable
+    lora_B: keras.Variable
+    scale: float
+    dropout: float = 0.0
+    seed: keras.random.SeedGenerator | None = None
+
+    @property
+    def weights(self) -> list:
+        return [self.lora_A, self.lora_B]
+
+    def delta(self, x2d, training):
+        """x (m, in) -> the adapter's addition (m, out), computed in the adapter's dtype (float32 unless autocast)."""
+        a, b = self.lora_A.value, self.lora_B.value
+        x2d = ops.cast(x2d, _dtype(a))
+        if training and self.dropout:
+            x2d = keras.random.dropout(x2d, self.dropout, seed=self.seed)
+        return backends.matmul_out_in(backends.matmul_out_in(x2d, a), b) * self.scale  # (m, r) -> (m, out)
+
+
+@dataclass(eq=False)
+class Replacement:
+    """An adapter's own copy of a whole projection (PEFT's `modules_to_save`: a new classifier head)."""
+
+    kernel: keras.Variable
+    bias: keras.Variable | None
+
+    @property
+    def weights(self) -> list:
+        return [self.kernel] + ([self.bias] if self.bias is not None else [])
+
+
+@dataclass(eq=False)
+class Adapters:
+    """The adapters on one projection by name, and the one in use (None: the base weights alone)."""
+
+    by_name: dict = field(default_factory=dict)
+    active: str | None = None
+
+
 @keras.saving.register_keras_serializable(package="zoo")
 class EinsumDense(keras.layers.EinsumDense):
     """`keras.layers.EinsumDense` that contracts the input's trailing axes with one end of the kernel."""
@@ -38,22 +94,46 @@ class EinsumDense(keras.layers.EinsumDense):
         super().__init__(equation, output_shape, **kwargs)
         _, contracted, out, self._out_first = _parse(equation)
         self._num_contracted, self._num_out = len(contracted), len(out)
+        self.adapters = Adapters()  # not Keras state: a plain object, so adding adapters after build is allowed
+
+    @property
+    def out_in_shape(self) -> tuple[int, int] | None:
+        """The kernel as a PyTorch (out, in) matrix, or None if it is stored the other way round."""
+        if not self._out_first:
+            return None
+        shape = tuple(self.kernel.shape)
+        return math.prod(shape[: self._num_out]), math.prod(shape[self._num_out:])
+
+    @property
+    def weights(self):
+        extra = [w for a in self.adapters.by_name.values() for w in a.weights]
+        return super().weights + extra
+
+    @property
+    def variables(self):
+        extra = [w for a in self.adapters.by_name.values() for w in a.weights]
+        seeds = [a.seed.state for a in self.adapters.by_name.values() if getattr(a, "seed", None) is not None]
+        return super().variables + extra + seeds
 
     def call(self, inputs, training=None):
         shape = ops.shape(inputs)
-        kernel_shape = tuple(self.kernel.shape)
-        bias = self.bias
+        adapter = self.adapters.by_name.get(self.adapters.active)
+        kernel, bias = (adapter.kernel, adapter.bias) if isinstance(adapter, Replacement) else (self.kernel, self.bias)
+        kernel_shape = tuple(kernel.shape)
         if self._out_first:
             out_shape, inner = kernel_shape[: self._num_out], math.prod(kernel_shape[self._num_out:])
-            weight = ops.reshape(self.kernel, (math.prod(out_shape), inner))  # (f, d)
+            weight = ops.reshape(kernel, (math.prod(out_shape), inner))  # (f, d)
             x2d = ops.reshape(inputs, (-1, inner))  # (m, d)
             if bias is not None and tuple(bias.shape) == out_shape:  # a bias per output: fused where it pays
                 x, bias = backends.linear(x2d, weight, ops.reshape(bias, (-1,))), None
             else:
                 x = backends.matmul_out_in(x2d, weight)
+            if isinstance(adapter, LowRank):  # added in the adapter's dtype, then back to the layer's, as PEFT does
+                delta = adapter.delta(x2d, training)
+                x = ops.cast(ops.cast(x, _dtype(delta)) + delta, _dtype(x))
         else:
             out_shape, inner = kernel_shape[self._num_contracted:], math.prod(kernel_shape[: self._num_contracted])
-            x = ops.matmul(ops.reshape(inputs, (-1, inner)), ops.reshape(self.kernel, (inner, math.prod(out_shape))))
+            x = ops.matmul(ops.reshape(inputs, (-1, inner)), ops.reshape(kernel, (inner, math.prod(out_shape))))
         if bias is None and self.activation is not None:  # on the 2-D product, where a backend may fuse it
             x = self.activation(x)
         x = ops.reshape(x, (*shape[: len(shape) - self._num_contracted], *out_shape))  # (b, t, *out)

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import keras
 
-from zoo import backends, loader
+from zoo import backends, loader, lora
 from zoo.checkpoint import DEFAULT_MAX_SHARD_SIZE, write_checkpoint
+from zoo.errors import AdapterError
 from zoo.files import write_json
 from zoo.key_map import export, weights_by_path
 
@@ -27,15 +28,70 @@ class PresetModel(keras.Model):
         """Keras' predict function (or the backend's faster one), made again when the set of weights has changed.
 
         A compiled predict function (a tf.function, a trace) keeps the computation it recorded:
-        after `enable_lora` it would go on without the adapters.
+        after `enable_lora` or `set_adapter` it would go on with the previous adapters.
         """
-        signature = backends.weights_signature(self)
+        signature = self.program_signature()
         if self.__dict__.get("_predict_signature") != signature:
             self.__dict__["_predict_signature"] = signature
             force = True
         if self.predict_function is not None and not force:
             return self.predict_function
         return backends.make_predict_function(self, lambda: super(PresetModel, self).make_predict_function(force=True))
+
+    def program_signature(self) -> tuple:
+        """Changes when a compiled program of the model is stale: its weights or its active adapter changed."""
+        return backends.weights_signature(self), lora.active(self)
+
+    # LoRA adapters, in PEFT's format (zoo.lora).
+    def enable_lora(self, rank: int = 8, alpha: float | None = None, targets=None, dropout: float = 0.0,
+                    rslora: bool = False, name: str = "default", **options) -> str:
+        """Adds a LoRA adapter, makes it active and freezes the base weights; returns its name.
+
+        Args:
+            rank: the adapter's rank r.
+            alpha: scaling numerator (`alpha / rank`, or `alpha / sqrt(rank)` with `rslora`); defaults to `rank`.
+            targets: module names as the checkpoint's reference names them (`["q_proj", "v_proj"]`),
+                a regular expression over full module names, or `"all-linear"`; defaults to PEFT's
+                default for the model type.
+            dropout: dropout on the adapter's input, when training.
+            rslora: rank-stabilised scaling.
+            name: the adapter's name.
+            **options: `rank_pattern`, `alpha_pattern`, `layers_to_transform`, `modules_to_save`, as in
+                PEFT's `LoraConfig`.
+
+        Example:
+            >>> lm.enable_lora(rank=4, targets=["q_proj", "v_proj"])  # doctest: +SKIP
+            'default'
+        """
+        return lora.enable(self, rank, alpha, targets, dropout, rslora, name, **options)
+
+    def load_adapter(self, adapter: str | os.PathLike, name: str | None = None) -> str:
+        """Loads a PEFT adapter folder (local, `hf://user/adapter[@rev]` or `kaggle://...`) and makes it active."""
+        return lora.load(self, adapter, name)
+
+    def save_adapter(self, folder: str | os.PathLike, name: str | None = None) -> Path:
+        """Writes an adapter (by default the active one) as a PEFT adapter folder."""
+        return lora.save(self, folder, name)
+
+    @property
+    def adapters(self) -> list[str]:
+        """The names of the model's adapters, in the order they were added."""
+        return lora.adapters(self)
+
+    @property
+    def active_adapter(self) -> str | None:
+        return lora.active(self)
+
+    def set_adapter(self, name: str | None) -> None:
+        """Uses the adapter `name` from now on (None: the base model alone)."""
+        lora.set_active(self, name)
+
+    def delete_adapter(self, name: str) -> None:
+        lora.delete(self, name)
+
+    def merge_adapter(self, name: str | None = None) -> None:
+        """Folds an adapter (by default the active one) into the base weights; it is then removed."""
+        lora.merge(self, name)
 
     def export(self, filepath, format="tf_saved_model", verbose=None, input_signature=None, **kwargs):
         """Keras' `export`, with this model's own input signature when none is given.
@@ -62,6 +118,11 @@ class PresetModel(keras.Model):
 
     def save_preset(self, folder: str | os.PathLike, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> Path:
         """Writes config.json, the weights and the model's other files in the source's own layout."""
+        if self.adapters:
+            raise AdapterError(
+                f"the model has LoRA adapters {self.adapters}, which a checkpoint has no place for: merge_adapter() "
+                "folds one into the weights before save_preset, or save_adapter() writes it as a PEFT adapter folder"
+            )
         folder = Path(folder)
         config = self._export_config()
         source_config = config.to_source()  # both refuse what the layout cannot hold before anything is written
@@ -101,3 +162,22 @@ class PresetModel(keras.Model):
 
     def _save_extras(self, folder: Path) -> None:
         """Writes files besides config.json and the weights."""
+
+    # LoRA hooks (zoo.lora).
+    _lora_task_type: str | None = None  # PEFT's task_type for this model
+
+    def _lora_defaults(self) -> tuple[str, ...]:
+        """The modules an adapter targets when none are named (PEFT's default for the model type)."""
+        raise NotImplementedError
+
+    def _lora_output_modules(self) -> set[str]:
+        """Modules "all-linear" leaves out, as PEFT does: the output layer of a language model."""
+        return set()
+
+    def _lora_new_head(self) -> tuple[str, ...]:
+        """Modules a new adapter trains and saves whole (PEFT's modules_to_save): a head that is new."""
+        return ()
+
+    def _lora_renames(self) -> list[tuple[str, str]]:
+        """(pattern, replacement) from the checkpoint's module names to the installed transformers'."""
+        return []

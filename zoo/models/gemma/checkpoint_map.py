@@ -28,6 +28,7 @@ _QK_NORM = [
     Row("layers.{i}.self_attn.q_norm.weight", "layers_{i}/self_attn/q_norm/weight"),
     Row("layers.{i}.self_attn.k_norm.weight", "layers_{i}/self_attn/k_norm/weight"),
 ]
+LORA_DEFAULTS = ("q_proj", "v_proj")  # PEFT's default targets for gemma, gemma2 and gemma3_text
 _ENDS = [Row("embed_tokens.weight", "embed_tokens/embeddings"), Row("norm.weight", "norm/weight")]
 
 

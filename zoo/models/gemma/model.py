@@ -139,6 +139,9 @@ class GemmaBackbone(PresetModel):
     def key_map(self, config: GemmaConfig) -> list:
         return checkpoint_map.rows(config, target_prefix="", head=False)
 
+    def _lora_defaults(self) -> tuple[str, ...]:
+        return checkpoint_map.LORA_DEFAULTS
+
     def get_config(self):
         return {"config": _config_to_dict(self.config), "name": self.name, "dtype": self.dtype_policy.name}
 
@@ -236,6 +239,14 @@ class GemmaCausalLM(PresetModel):
 
     def key_map(self, config: GemmaConfig) -> list:
         return checkpoint_map.rows(config, target_prefix="backbone/", head=True)
+
+    _lora_task_type = "CAUSAL_LM"
+
+    def _lora_defaults(self) -> tuple[str, ...]:
+        return checkpoint_map.LORA_DEFAULTS
+
+    def _lora_output_modules(self) -> set[str]:
+        return {"lm_head"}
 
     @classmethod
     def _from_folder(cls, config, folder: Path, dtype: str, **kwargs):

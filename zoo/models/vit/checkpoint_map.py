@@ -28,6 +28,20 @@ _HF_BACKBONE = [
     Row("layernorm.weight", "layernorm/gamma"),
     Row("layernorm.bias", "layernorm/beta"),
 ]
+# transformers 5 renamed ViT's modules; checkpoints (and adapters made under transformers 4) keep the
+# old names. PEFT adapters name modules as the installed transformers does: (old, new) for `zoo.lora`.
+HF_MODULE_RENAMES = [
+    (r"encoder\.layer\.(\d+)\.attention\.attention\.query$", r"layers.\1.attention.q_proj"),
+    (r"encoder\.layer\.(\d+)\.attention\.attention\.key$", r"layers.\1.attention.k_proj"),
+    (r"encoder\.layer\.(\d+)\.attention\.attention\.value$", r"layers.\1.attention.v_proj"),
+    (r"encoder\.layer\.(\d+)\.attention\.output\.dense$", r"layers.\1.attention.o_proj"),
+    (r"encoder\.layer\.(\d+)\.intermediate\.dense$", r"layers.\1.mlp.fc1"),
+    (r"encoder\.layer\.(\d+)\.output\.dense$", r"layers.\1.mlp.fc2"),
+]
+# The attention's query and value, as PEFT's default for ViT was before transformers 5 renamed them.
+LORA_DEFAULTS = {"hf": ("q_proj", "v_proj"), "timm": ("qkv",)}
+LORA_HEADS = {"hf": "classifier", "timm": "head"}
+
 # Present in some HF checkpoints, unused by an image classifier.
 _HF_UNUSED = ["pooler.dense.weight", "pooler.dense.bias", "embeddings.mask_token"]
 _HF_HEAD = [Row("classifier.weight", "classifier/kernel"), Row("classifier.bias", "classifier/bias")]

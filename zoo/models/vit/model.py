@@ -88,6 +88,12 @@ class ViTBackbone(PresetModel):
     def _export_signature(self) -> list:
         return [keras.InputSpec(shape=(None, *self.image_size, self.config.num_channels), dtype=self.input_dtype)]
 
+    def _lora_defaults(self) -> tuple[str, ...]:
+        return checkpoint_map.LORA_DEFAULTS[self.config.source_format]
+
+    def _lora_renames(self) -> list[tuple[str, str]]:
+        return checkpoint_map.HF_MODULE_RENAMES if self.config.source_format == "hf" else []
+
     def _export_config(self) -> ViTConfig:
         """A backbone saves as the encoder alone: HF `ViTModel`, or timm with `num_classes` 0."""
         return self.config.replace(headless=True)
@@ -127,6 +133,7 @@ class ViTImageClassifier(PresetModel):
         self.classifier.build((None, config.hidden_size))
         self.preprocessor = preprocessor or _default_preprocessor(config, self.backbone.image_size)
         self.fresh_head = False
+        self.new_head = False  # a head the checkpoint did not have: LoRA trains and saves it whole
         self.built = True
 
     def call(self, pixel_values, training=False):
@@ -157,6 +164,15 @@ class ViTImageClassifier(PresetModel):
 
     def _export_signature(self) -> list:
         return self.backbone._export_signature()
+
+    def _lora_defaults(self) -> tuple[str, ...]:
+        return self.backbone._lora_defaults()
+
+    def _lora_renames(self) -> list[tuple[str, str]]:
+        return self.backbone._lora_renames()
+
+    def _lora_new_head(self) -> tuple[str, ...]:
+        return (checkpoint_map.LORA_HEADS[self.config.source_format],) if self.new_head else ()
 
     @classmethod
     def _from_folder(cls, config, folder: Path, dtype: str, num_labels: int | None = None, labels=None, **kwargs):
@@ -189,6 +205,7 @@ class ViTImageClassifier(PresetModel):
                                           (self.classifier.bias, self.classifier.bias_initializer)):
                 variable.assign(initializer.initializer(variable.shape, dtype=variable.dtype))
             self.config = self.config.replace(headless=False)  # the checkpoint had no head; the model now has one
+            self.new_head = True
         self.fresh_head = False  # loaded: from here on the head is part of the model, and `save_preset` writes it
 
     def _save_extras(self, folder: Path):
