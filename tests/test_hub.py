@@ -76,6 +76,30 @@ def test_download_and_load(hf, digits, tmp_path):
     assert resolves and all(f"/resolve/{sha}/" in p for p in resolves)
 
 
+def test_adapter_download(hf, digits, tmp_path):
+    """An adapter repo holds adapter_config.json and adapter_model.safetensors, not config.json."""
+    folder, want = digits
+    hf.add("acme/digits", folder)
+    model = zoo.ViTImageClassifier.from_preset("hf://acme/digits")
+    model.enable_lora(rank=2, targets=["q_proj", "fc1"])
+    for v in model.trainable_weights:  # B is zero after enable_lora: make the adapter change something
+        v.assign(np.full(v.shape, 0.05, "float32"))
+    adapted = logits(model)
+    model.save_adapter(tmp_path / "adapter")
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == "acme/digits"
+    (tmp_path / "adapter" / "README.md").write_text("not downloaded")
+    sha = hf.add("acme/digits-lora", tmp_path / "adapter")
+    fresh = zoo.ViTImageClassifier.from_preset("hf://acme/digits")
+    assert fresh.load_adapter(f"hf://acme/digits-lora@{sha}", name="sql") == "sql"
+    np.testing.assert_array_equal(logits(fresh), adapted)
+    assert not np.array_equal(adapted, want)
+    assert sorted(p.name for p in hub.resolve("hf://acme/digits-lora", adapter=True).iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors"]
+    with pytest.raises(HubError, match="acme/digits@.*: the repository has no adapter_config.json"):
+        fresh.load_adapter("hf://acme/digits", name="wrong")
+    assert fresh.adapters == ["sql"]
+
+
 def test_sharded_checkpoint(hf, digits, tmp_path):
     folder, want = digits
     sharded = zoo.ViTImageClassifier.from_preset(folder).save_preset(tmp_path / "sharded", max_shard_size="100KB")
@@ -177,6 +201,20 @@ def test_kaggle_download_versions_and_offline(kaggle, digits, tmp_path):
     assert zoo.ViTImageClassifier.from_preset("kaggle://acme/digits/transformers/tiny").source["version"] == 2
     hub.set_offline(None)  # online, but the server is gone: the cache still answers
     assert zoo.ViTImageClassifier.from_preset("kaggle://acme/digits/transformers/tiny/1").config.labels[0] == "v1-0"
+
+
+def test_kaggle_adapter(kaggle, digits, tmp_path):
+    folder, want = digits
+    model = zoo.ViTImageClassifier.from_preset(folder)
+    model.enable_lora(rank=2)
+    for v in model.trainable_weights:
+        v.assign(np.full(v.shape, 0.05, "float32"))
+    model.save_adapter(tmp_path / "adapter")
+    kaggle.add("acme/digits-lora/transformers/tiny", 1, tmp_path / "adapter")
+    fresh = zoo.ViTImageClassifier.from_preset(folder)
+    fresh.load_adapter("kaggle://acme/digits-lora/transformers/tiny/1")
+    np.testing.assert_array_equal(logits(fresh), logits(model))
+    assert not np.array_equal(logits(fresh), want)
 
 
 def test_kaggle_errors(kaggle, digits, monkeypatch):

@@ -12,8 +12,9 @@ from safetensors.numpy import load_file, save_file
 from transformers import ViTForImageClassification
 
 import zoo
+from zoo.lora.modules import modules as lora_modules
 from gemma_reference import hf_greedy, reference, save_hf_gemma
-from vit_reference import save_hf_vit
+from vit_reference import hf_to_timm, save_hf_vit
 
 NEW = 32
 TOKENS = np.random.default_rng(0).integers(3, 150, (2, 12)).astype(np.int32)
@@ -115,6 +116,46 @@ def test_vit_adapter_in_transformers_4_names_loads_alike(vit, tmp_path):
     new = to_numpy(clf(IMAGES))
     clf.load_adapter(tmp_path / "t4", name="t4")
     np.testing.assert_array_equal(to_numpy(clf(IMAGES)), new)
+
+
+def test_timm_adapter_on_the_fused_qkv(vit, tmp_path):
+    """timm's `qkv` is one module over three of our projections: one lora_A, lora_B split by rows.
+
+    A PEFT adapter on the HF model's q/k/v with one shared A is the same adapter; written under timm's
+    names (B stacked as timm stacks the weights), the timm-layout model must give PEFT's logits.
+    """
+    base = ViTForImageClassification.from_pretrained(vit)
+    ref = peft_adapter(base, tmp_path / "hf", r=2, lora_alpha=4, target_modules=["q_proj", "k_proj", "v_proj", "fc2"])
+    with torch.no_grad():  # one A for q, k and v
+        for i in range(VIT["num_hidden_layers"]):
+            layer = ref.base_model.model.vit.layers[i].attention
+            for p in ("k_proj", "v_proj"):
+                getattr(layer, p).lora_A["default"].weight.copy_(layer.q_proj.lora_A["default"].weight)
+    want = vit_logits(ref)
+    ref.save_pretrained(tmp_path / "hf")
+    hf = load_file(tmp_path / "hf" / "adapter_model.safetensors")
+    timm = {}
+    for i in range(VIT["num_hidden_layers"]):
+        src, dst = f"base_model.model.vit.layers.{i}.", f"base_model.model.blocks.{i}."
+        timm[dst + "attn.qkv.lora_A.weight"] = hf[src + "attention.q_proj.lora_A.weight"]
+        timm[dst + "attn.qkv.lora_B.weight"] = np.concatenate(
+            [hf[src + f"attention.{p}_proj.lora_B.weight"] for p in "qkv"])
+        for part in "AB":
+            timm[dst + f"mlp.fc2.lora_{part}.weight"] = hf[src + f"mlp.fc2.lora_{part}.weight"]
+    (tmp_path / "timm").mkdir()
+    save_file(timm, tmp_path / "timm" / "adapter_model.safetensors")
+    config = json.loads((tmp_path / "hf" / "adapter_config.json").read_text())
+    (tmp_path / "timm" / "adapter_config.json").write_text(json.dumps({**config, "target_modules": ["qkv", "fc2"]}))
+    clf = zoo.ViTImageClassifier.from_preset(hf_to_timm(vit, tmp_path / "timm_model"))
+    clf.load_adapter(tmp_path / "timm")
+    np.testing.assert_allclose(to_numpy(clf(IMAGES)), want, atol=1e-4, rtol=0)
+    clf.save_adapter(tmp_path / "again")  # and written back under timm's names, B stacked again
+    again = load_file(tmp_path / "again" / "adapter_model.safetensors")
+    assert sorted(again) == sorted(timm)
+    for key in timm:
+        np.testing.assert_array_equal(again[key], timm[key])
+    assert clf.enable_lora(rank=2, name="own") == "own" and {m.name.rsplit(".", 1)[-1] for m in lora_modules(clf)
+                                                          if m.layers[0].adapters.by_name.get("own")} == {"qkv"}
 
 
 # ----------------------------------------------------------------------------- keras-zoo -> PEFT, training
