@@ -263,6 +263,16 @@ def test_backbone_takes_the_causal_lm_adapter(gemma, tmp_path):
     np.testing.assert_allclose(to_numpy(backbone(TOKENS)), want, atol=1e-4, rtol=0)
 
 
+def test_vit_backbone_takes_the_classifier_adapter(vit, tmp_path):
+    ref = peft_adapter(ViTForImageClassification.from_pretrained(vit), tmp_path / "adapter", r=2,
+                       target_modules=["q_proj", "o_proj", "fc2"])
+    backbone = zoo.ViTBackbone.from_preset(vit)
+    backbone.load_adapter(tmp_path / "adapter")
+    with torch.no_grad():
+        want = ref.base_model.model.vit(torch.from_numpy(IMAGES.transpose(0, 3, 1, 2))).last_hidden_state.numpy()
+    np.testing.assert_allclose(to_numpy(backbone(IMAGES)), want, atol=1e-4, rtol=0)
+
+
 # ----------------------------------------------------------------------------- errors
 
 

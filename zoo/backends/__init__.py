@@ -42,6 +42,7 @@ placeholder, set_value, read_mapped = _current.placeholder, _current.set_value, 
 adopts_host_buffers, read_ahead_threads = _current.adopts_host_buffers, _current.read_ahead_threads
 ATTENTION_KERNELS = _current.ATTENTION_KERNELS
 track_weights, untrack_weights = _current.track_weights, _current.untrack_weights
+TRAIN_JIT_COMPILE = _current.TRAIN_JIT_COMPILE  # what `compile(jit_compile="auto")` means for keras-zoo's models
 _forced: str | None = None  # use_attention's kernel
 
 
@@ -80,6 +81,7 @@ def describe() -> dict:
         {'plain': 'heads_first', 'masked': 'reference', 'softcapped': 'reference', 'forced': None}
     """
     return {"backend": NAME, "device": device(), "compile_step": _current.COMPILER, "predict": _current.PREDICT,
+            "train_jit_compile": TRAIN_JIT_COMPILE,
             "attention": {"plain": attention_kernel(False), "masked": attention_kernel(True),
                           "softcapped": "reference", "forced": _forced},
             "checkpoint_reads": "views of the file's mapping" if read_mapped else "aligned host buffers"}

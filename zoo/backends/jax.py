@@ -12,6 +12,7 @@ from zoo.host import aligned_empty, host_dtype
 
 COMPILER = "jax.jit"
 PREDICT = "Keras' (jax.jit)"
+TRAIN_JIT_COMPILE = "auto"  # Keras' choice: XLA
 
 
 @functools.cache

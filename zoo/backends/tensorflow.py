@@ -11,6 +11,9 @@ from zoo.host import astype_aligned, is_aligned
 
 COMPILER = "tf.function(jit_compile=True)"
 PREDICT = "Keras' (TensorFlow's own kernels, not XLA, on a CPU unless compiled with jit_compile)"
+# Keras turns XLA off for TensorFlow on a machine without GPU; for these models' training steps XLA:CPU
+# is ~25% faster (benchmarks/RESULTS.md, LoRA training), so `compile` asks for it on every device.
+TRAIN_JIT_COMPILE = True
 
 
 @functools.cache

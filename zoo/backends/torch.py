@@ -1,7 +1,6 @@
 """PyTorch: TorchScript traces of the steps and of `predict`, SDPA and `F.linear`, weights backed by the file's mapping."""
 
 import contextlib
-import functools
 import warnings
 
 import keras
@@ -13,13 +12,25 @@ from safetensors import safe_open
 
 COMPILER = "torch.jit.trace"
 PREDICT = "torch.jit.trace of the forward pass (models with traced_predict), else Keras'"
+# Keras' choice (eager). jit_compile=True (torch.compile) trains ~10% faster once compiled, after a first
+# step of a minute or more on a CPU: left to the user (benchmarks/RESULTS.md, LoRA training).
+TRAIN_JIT_COMPILE = "auto"
 MAX_TRACES = 8  # input shapes kept traced per compiled callable (a generation engine needs a handful)
 
 
-@functools.cache
+_device: str | None = None
+
+
 def device() -> str:
-    kind = keras.ops.zeros(()).device.type  # where Keras puts new tensors
-    return "gpu" if kind == "cuda" else kind
+    """Where Keras puts new tensors. Under Keras' shape inference they go to torch's "meta" device, which
+    says nothing about the real one: that answer is not kept (a first call there would stick)."""
+    global _device
+    if _device is None:
+        kind = keras.ops.zeros(()).device.type
+        if kind == "meta":
+            return "gpu" if torch.cuda.is_available() else "cpu"
+        _device = "gpu" if kind == "cuda" else kind
+    return _device
 
 
 def _tensors(*xs):

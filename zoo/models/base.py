@@ -38,6 +38,12 @@ class PresetModel(keras.Model):
             return self.predict_function
         return backends.make_predict_function(self, lambda: super(PresetModel, self).make_predict_function(force=True))
 
+    def compile(self, *args, jit_compile="auto", **kwargs):
+        """Keras' `compile`; "auto" takes the backend's choice for these models (`zoo.backends.TRAIN_JIT_COMPILE`)."""
+        if jit_compile == "auto":
+            jit_compile = backends.TRAIN_JIT_COMPILE
+        return super().compile(*args, jit_compile=jit_compile, **kwargs)
+
     def program_signature(self) -> tuple:
         """Changes when a compiled program of the model is stale: its weights or its active adapter changed."""
         return backends.weights_signature(self), lora.active(self)

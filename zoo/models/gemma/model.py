@@ -201,10 +201,11 @@ class GemmaCausalLM(PresetModel):
             logits = self.lm_head(hidden)
         else:
             embeddings = ops.cast(self.backbone.embed_tokens.embeddings, hidden.dtype)  # tied to the embedding
-            if len(hidden.shape) == 2:  # the engine's steps: one hidden state per sequence
-                logits = backends.matmul_out_in(hidden, embeddings)
-            else:
-                logits = ops.einsum("...d,vd->...v", hidden, embeddings)
+            # A 2-D product: TensorFlow's gradient of an einsum over "..." materialises (b, t, v, d) (16 GB
+            # for a batch of 2 x 128 tokens over 32000 x 512 embeddings) before summing it.
+            shape = ops.shape(hidden)
+            logits = backends.matmul_out_in(ops.reshape(hidden, (-1, shape[-1])), embeddings)  # (b*t, v)
+            logits = ops.reshape(logits, (*shape[:-1], embeddings.shape[0]))  # (..., v)
         if self.config.final_logit_softcapping:
             cap = ops.cast(self.config.final_logit_softcapping, logits.dtype)
             logits = ops.tanh(logits / cap) * cap
