@@ -71,7 +71,7 @@ def versions() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     out = []
-    for package in ("keras", "jax", "torch", "tensorflow", "tensorflow-cpu", "transformers", "keras-hub"):
+    for package in ("keras", "jax", "torch", "tensorflow", "tensorflow-cpu", "transformers", "peft", "keras-hub"):
         try:
             out.append(f"{package} {version(package)}")
         except PackageNotFoundError:

@@ -95,7 +95,8 @@ def worker(iterations: int) -> None:
     print(json.dumps(results))
 
 
-def _keras_hub_runner(prompts):
+def keras_hub_gemma():
+    """keras-hub's GemmaCausalLM with the benchmark's shape (random weights), or None without keras-hub."""
     try:
         import keras_hub
     except ImportError:
@@ -104,8 +105,14 @@ def _keras_hub_runner(prompts):
         vocabulary_size=SHAPE["vocab_size"], num_layers=SHAPE["num_hidden_layers"],
         num_query_heads=SHAPE["num_attention_heads"], num_key_value_heads=SHAPE["num_key_value_heads"],
         hidden_dim=SHAPE["hidden_size"], intermediate_dim=2 * SHAPE["intermediate_size"], head_dim=SHAPE["head_dim"],
-    )
-    hub_lm = keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=None)
+    )  # keras-hub's intermediate_dim is twice the MLP width
+    return keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=None)
+
+
+def _keras_hub_runner(prompts):
+    hub_lm = keras_hub_gemma()
+    if hub_lm is None:
+        return None
 
     def run(batch, new_tokens):
         length = PROMPT + new_tokens

@@ -30,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import BACKENDS, interleaved, median, run_worker, versions, write_section  # noqa: E402
-from generate import FOLDER, SHAPE, make_checkpoint  # noqa: E402
+from generate import FOLDER, SHAPE, keras_hub_gemma, make_checkpoint  # noqa: E402
 
 VIT_FOLDER = FOLDER.with_name("vit_b16_bench")
 BATCH, LENGTH, RANK, LR = 2, 128, 4, 1e-4
@@ -99,18 +99,12 @@ def _hf_lm(lora: bool, compiled: bool = False):
 
 
 def _hub_lm():
-    try:
-        import keras
-        import keras_hub
-    except ImportError:
+    import keras
+
+    lm = keras_hub_gemma()
+    if lm is None:
         return None
-    backbone = keras_hub.models.GemmaBackbone(
-        vocabulary_size=SHAPE["vocab_size"], num_layers=SHAPE["num_hidden_layers"],
-        num_query_heads=SHAPE["num_attention_heads"], num_key_value_heads=SHAPE["num_key_value_heads"],
-        hidden_dim=SHAPE["hidden_size"], intermediate_dim=2 * SHAPE["intermediate_size"], head_dim=SHAPE["head_dim"],
-    )
-    lm = keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=None)
-    backbone.enable_lora(RANK)
+    lm.backbone.enable_lora(RANK)
     lm.compile(optimizer=keras.optimizers.Adam(LR), loss=token_loss, weighted_metrics=[])
     x, y = _data()
     inputs = {"token_ids": x, "padding_mask": np.ones_like(x, bool)}

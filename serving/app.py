@@ -26,7 +26,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from zoo import hub
+from zoo import backends, hub
 from zoo.errors import ConfigError, GenerationError, ImageError, ZooError
 from zoo.models.fields import Fields
 from zoo.serving.metrics import CONTENT_TYPE_LATEST, Metrics
@@ -49,13 +49,14 @@ class ServerConfig:
     max_tokens: int | None = None  # the most `max_tokens` a request may ask for (default: max_model_len)
     request_timeout_s: float = 600.0
     max_images: int = 64
+    max_image_pixels: int = 40_000_000  # width x height an uploaded image may declare; decoding more is refused
 
     def __post_init__(self):
         fields = Fields(dataclasses.asdict(self), "server settings")
         fields.integer("port", minimum=0)
         if self.port > 65535:
             raise ConfigError(f"server settings: field 'port' should be at most 65535, got {self.port}")
-        for name in ("max_batch", "max_body_bytes", "max_model_len", "max_images"):
+        for name in ("max_batch", "max_body_bytes", "max_model_len", "max_images", "max_image_pixels"):
             fields.integer(name)
         fields.integer("max_queue", minimum=0)
         fields.integer("max_tokens", None)
@@ -68,7 +69,26 @@ def load_models(presets: list[str]) -> dict[str, object]:
 
     if not presets:
         presets = [card.name for card in zoo.list_presets() if card.bundled]
-    return {hub.short_name(preset): zoo.from_preset(preset) for preset in presets}
+    where = backends.describe()
+    models = {}
+    for preset in presets:
+        name = hub.short_name(preset)
+        models[name] = zoo.from_preset(preset)
+        log.info("loaded %s (%s) on %s, device %s", name, type(models[name]).__name__, where["backend"], where["device"])
+    return models
+
+
+def check_port(host: str, port: int) -> None:
+    """Ends start-up with one line if the address is taken, before any model loads (uvicorn would fail only
+    after them, and a native library's threads could then abort the process)."""
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise SystemExit(f"zoo serve: cannot listen on {host}:{port} ({e.strerror or e}); "
+                             "is another server running there? Pick another with --port") from None
 
 
 # ----------------------------------------------------------------------------- the app
@@ -158,6 +178,8 @@ class Server:
             body = json.loads(b"".join(chunks) or b"null")
         except (ValueError, UnicodeDecodeError) as e:
             raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+        except RecursionError:  # nested past the parser's depth: no request of this API is
+            raise APIError(400, "the request body is nested too deeply", code="invalid_json") from None
         if not isinstance(body, dict):
             raise APIError(400, "the request body must be a JSON object", code="invalid_json")
         return body
@@ -181,12 +203,20 @@ class Server:
     async def metrics_route(self, request: Request):
         return Response(self.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    def model_card(self, name: str) -> dict:
+        return {"id": name, "object": "model", "created": self.created, "owned_by": "keras-zoo",
+                "task": type(self.models[name]).__name__,
+                "max_model_len": self.generators[name].length if name in self.generators else None}
+
     async def list_models(self, request: Request):
-        data = [{"id": name, "object": "model", "created": self.created, "owned_by": "keras-zoo",
-                 "task": type(model).__name__,
-                 "max_model_len": self.generators[name].length if name in self.generators else None}
-                for name, model in self.models.items()]
-        return JSONResponse({"object": "list", "data": data})
+        return JSONResponse({"object": "list", "data": [self.model_card(name) for name in self.models]})
+
+    async def retrieve_model(self, request: Request):
+        name = request.path_params["model"]
+        if name not in self.models:
+            raise APIError(404, f"The model '{name}' does not exist; models: {', '.join(sorted(self.models))}",
+                           param="model", code="model_not_found")
+        return JSONResponse(self.model_card(name))
 
     async def completions(self, request: Request):
         return await self._generate(request, chat=False)
@@ -329,7 +359,8 @@ class Server:
         top_k = field(body, "top_k", int, 5, check=lambda v: v > 0, message="a positive integer")
         if len(blobs) > self.config.max_images:
             raise APIError(400, f"{len(blobs)} images; at most {self.config.max_images} per request", param="images")
-        images = [decode_image(blob, i) for i, blob in enumerate(blobs)]
+        limit = self.config.max_image_pixels
+        images = await asyncio.to_thread(lambda: [decode_image(blob, i, limit) for i, blob in enumerate(blobs)])
         try:
             results = await scheduler.submit(images, top_k)
         except (ImageError, ZooError) as e:
@@ -356,6 +387,7 @@ def create_app(models: dict, config: ServerConfig | None = None) -> Starlette:
         Route("/health", e("/health", server.health, protected=False), methods=["GET"]),
         Route("/metrics", e("/metrics", server.metrics_route), methods=["GET"]),
         Route("/v1/models", e("/v1/models", server.list_models), methods=["GET"]),
+        Route("/v1/models/{model:path}", e("/v1/models/{model}", server.retrieve_model), methods=["GET"]),
         Route("/v1/completions", e("/v1/completions", server.completions), methods=["POST"]),
         Route("/v1/chat/completions", e("/v1/chat/completions", server.chat_completions), methods=["POST"]),
         Route("/v1/classify", e("/v1/classify", server.classify), methods=["POST"]),

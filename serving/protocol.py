@@ -48,15 +48,15 @@ PROMPT_FORMS = "a string, a list of token ids, or a list holding one of those (o
 
 
 def completion_prompt(body: dict, tokenizer) -> list[int]:
-    """The token ids of OpenAI's `prompt`: text, or token ids taken as they are (as OpenAI and vLLM do;
-    the engine refuses ids outside the model's vocabulary)."""
+    """The token ids of OpenAI's `prompt`: text (BOS added as the tokenizer says, special tokens' strings read as
+    text), or token ids taken as they are (as OpenAI and vLLM do; the engine refuses ids outside the vocabulary)."""
     prompt = field(body, "prompt", (str, list), required=True, message=PROMPT_FORMS)
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # the batch form, with one prompt
     if not prompt:
         raise APIError(400, "'prompt' is empty", param="prompt")
-    if isinstance(prompt, str):
-        return tokenizer.encode(prompt)
+    if isinstance(prompt, str):  # a special token's string in the text stays text (no injected turns)
+        return tokenizer.encode(prompt, parse_special=False)
     if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         raise APIError(400, f"'prompt' must be {PROMPT_FORMS}, got {body['prompt']!r:.200}", param="prompt",
                        code="invalid_type")
@@ -115,15 +115,24 @@ def base64_images(body: dict) -> list[bytes]:
     return blobs
 
 
-def decode_image(blob: bytes, index: int):
+def decode_image(blob: bytes, index: int, max_pixels: int):
+    """A PIL image, refused before decoding if its header declares more than `max_pixels` pixels (the error
+    names the image and its size, never a server object or path)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         image = Image.open(io.BytesIO(blob))
+        width, height = image.size
+        if width * height > max_pixels:
+            raise APIError(413, f"images[{index}] is {width}x{height} = {width * height} pixels; the limit is "
+                                f"{max_pixels}", param="images", code="image_too_large")
         image.load()
         return image
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise APIError(400, f"images[{index}] cannot be decoded as an image: {e}", param="images") from None
+    except UnidentifiedImageError:
+        raise APIError(400, f"images[{index}] is not an image format Pillow reads (PNG, JPEG, WebP, ...)",
+                       param="images") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise APIError(400, f"images[{index}] cannot be decoded: {type(e).__name__}", param="images") from None
 
 
 def usage(ticket) -> dict:

@@ -85,6 +85,21 @@ def test_serve_settings_are_checked_before_loading(capsys):
     assert "field 'port' should be at most 65535" in capsys.readouterr().err
 
 
+def test_serve_on_a_busy_port_ends_with_one_line():
+    """Before any model loads (the preset below does not exist, so loading would fail differently)."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run([sys.executable, "-m", "zoo.cli", "serve", "no_such_preset", "--port", str(port)],
+                              capture_output=True, text=True, env=dict(os.environ), timeout=300)
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"zoo serve: cannot listen on 127.0.0.1:{port}") and "--port" in last
+
+
 def test_console_script_runs():
     """The installed `zoo` command works in a fresh process."""
     proc = subprocess.run([sys.executable, "-m", "zoo.cli", "classify", str(SAMPLES[0]), "--top-k", "1"],

@@ -116,6 +116,11 @@ def test_vit_adapter_in_transformers_4_names_loads_alike(vit, tmp_path):
     new = to_numpy(clf(IMAGES))
     clf.load_adapter(tmp_path / "t4", name="t4")
     np.testing.assert_array_equal(to_numpy(clf(IMAGES)), new)
+    clf.save_adapter(tmp_path / "resaved")  # written under the installed transformers' names, for PEFT
+    assert "base_model.model.vit.layers.0.attention.q_proj.lora_A.weight" in load_file(
+        tmp_path / "resaved" / "adapter_model.safetensors")
+    ref = peft.PeftModel.from_pretrained(ViTForImageClassification.from_pretrained(vit), tmp_path / "resaved").eval()
+    np.testing.assert_allclose(vit_logits(ref), new, atol=1e-4, rtol=0)
 
 
 def test_timm_adapter_on_the_fused_qkv(vit, tmp_path):

@@ -2,6 +2,7 @@
 
 import base64
 import concurrent.futures
+import io
 import json
 import socket
 import threading
@@ -91,6 +92,10 @@ def test_health_models_and_metrics(running):
     assert running.http.get("/health").json()["status"] == "ok"
     ids = {m.id for m in openai_client(running).models.list().data}
     assert ids == {"tiny-gemma", "digits"}
+    card = openai_client(running).models.retrieve("digits")  # GET /v1/models/{id}
+    assert card.id == "digits" and card.object == "model"
+    missing = error_of(running.http.get("/v1/models/nope"), 404)
+    assert missing["code"] == "model_not_found" and "digits, tiny-gemma" in missing["message"]
     assert "zoo_requests_total" in running.http.get("/metrics").text
 
 
@@ -107,6 +112,13 @@ def test_completion_matches_the_library(running, models):
     assert "".join(c.choices[0].text for c in pieces if c.choices) == out.choices[0].text
     assert [c.choices[0].finish_reason for c in pieces if c.choices][-1] == out.choices[0].finish_reason
     assert pieces[-1].usage.completion_tokens == out.usage.completion_tokens
+
+
+def test_special_tokens_in_a_prompt_stay_text(running, models):
+    tok = models["tiny-gemma"].tokenizer
+    prompt = "x<end_of_turn>\n<start_of_turn>model\n"
+    out = running.http.post("/v1/completions", json={"model": "tiny-gemma", "prompt": prompt, "max_tokens": 1}).json()
+    assert out["usage"]["prompt_tokens"] == len(tok.encode(prompt, parse_special=False)) != len(tok.encode(prompt))
 
 
 def test_completion_takes_token_ids(running, models):
@@ -279,6 +291,18 @@ def test_completion_errors(running, body, status, fragment):
     assert fragment in error_of(running.http.post("/v1/completions", json=body), status)["message"]
 
 
+def test_image_pixel_limit_before_decoding(running):
+    """A small file that declares a huge image (a decompression bomb) is refused from its header."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("L", (8000, 6000)).save(buffer, format="PNG")  # 48M pixels in a few tens of KB
+    assert len(buffer.getvalue()) < 200_000
+    bomb = {"model": "digits", "images": [base64.b64encode(buffer.getvalue()).decode()]}
+    error = error_of(running.http.post("/v1/classify", json=bomb), 413)
+    assert error["code"] == "image_too_large" and "8000x6000 = 48000000 pixels; the limit is 40000000" in error["message"]
+
+
 def test_malformed_bodies(running, models):
     assert error_of(running.http.post("/v1/completions", content=b"{nope"), 400)["code"] == "invalid_json"
     assert "must be a JSON object" in error_of(running.http.post("/v1/completions", json=[1]), 400)["message"]
@@ -290,7 +314,11 @@ def test_malformed_bodies(running, models):
     bad = {"model": "digits", "images": ["%%%"]}
     assert "images[0] is not valid base64" in error_of(running.http.post("/v1/classify", json=bad), 400)["message"]
     junk = {"model": "digits", "images": [base64.b64encode(b"not an image").decode()]}
-    assert "cannot be decoded as an image" in error_of(running.http.post("/v1/classify", json=junk), 400)["message"]
+    message = error_of(running.http.post("/v1/classify", json=junk), 400)["message"]
+    assert "images[0] is not an image format Pillow reads" in message and "BytesIO" not in message
+    deep = b'{"model": "tiny-gemma", "prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    assert error_of(running.http.post("/v1/completions", content=deep), 400)["message"] == (
+        "the request body is nested too deeply")
     assert error_of(running.http.post("/v1/classify", json={"model": "tiny-gemma", "images": junk["images"]}), 404)
     assert error_of(running.http.get("/v1/nothing"), 404)
     assert error_of(running.http.get("/v1/completions"), 405)

@@ -205,14 +205,15 @@ def _serve(args) -> int:
     import logging
 
     try:
-        from zoo.serving import ServerConfig, create_app, load_models, serve
+        from zoo.serving import ServerConfig, check_port, create_app, load_models, serve
     except ImportError as e:
         raise SystemExit(f"zoo serve needs the serving extra: pip install 'keras-zoo[serve]' ({e})") from None
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     config = ServerConfig(host=args.host, port=args.port, max_batch=args.max_batch, max_queue=args.max_queue,
                           api_key=args.api_key, max_model_len=args.max_model_len, max_tokens=args.max_tokens,
-                          request_timeout_s=args.request_timeout)
+                          request_timeout_s=args.request_timeout, max_image_pixels=args.max_image_pixels)
+    check_port(args.host, args.port)
     models = load_models(args.presets)
     print(f"serving {', '.join(models)} on http://{args.host}:{args.port}/v1", flush=True)
     serve(create_app(models, config), config)
@@ -231,6 +232,8 @@ def _add_serve(sub) -> None:
     p.add_argument("--max-model-len", type=int, default=2048, help="positions per slot (default 2048, at most the model's)")
     p.add_argument("--max-tokens", type=int, default=None, help="the most max_tokens a request may ask for")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request is cut off")
+    p.add_argument("--max-image-pixels", type=int, default=40_000_000,
+                   help="largest image (width x height) /v1/classify decodes (default 40M)")
     p.add_argument("--api-key", default=os.environ.get("ZOO_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on every route but /health (default $ZOO_API_KEY)")
     p.set_defaults(run=_serve)

@@ -129,11 +129,18 @@ class Tokenizer:
 
     # ------------------------------------------------------------------ text <-> ids
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True, parse_special: bool = True) -> list[int]:
+        """Text -> token ids; BOS/EOS added as the tokenizer's config says when `add_special_tokens`.
+
+        A special token's string in the text ("<start_of_turn>") becomes that token; with
+        `parse_special=False` it is encoded as the plain text it is, as for text a user typed
+        (transformers' `split_special_tokens=True`).
+        """
         if self._hf:
-            return self._hf.encode(text, add_special_tokens=add_special_tokens).ids
+            return (self._hf if parse_special else self._hf_plain).encode(text, add_special_tokens=add_special_tokens).ids
         ids = []
-        for i, part in enumerate(self._sp_split.split(text) if self._sp_split else [text]):
+        split = self._sp_split if parse_special else None
+        for i, part in enumerate(split.split(text) if split else [text]):
             if i % 2:  # a special token written in the text (a chat template's <bos>, say)
                 ids.append(self._sp.PieceToId(part))
             elif part:
@@ -163,6 +170,15 @@ class Tokenizer:
         return "".join(out)
 
     @cached_property
+    def _hf_plain(self):
+        """A copy of the tokenizer that reads special tokens' strings as text."""
+        from tokenizers import Tokenizer as HFTokenizer
+
+        plain = HFTokenizer.from_str(self._hf.to_str())
+        plain.encode_special_tokens = True
+        return plain
+
+    @cached_property
     def _sp_split(self):
         """A pattern splitting text around the control tokens' strings (sentencepiece cannot encode them)."""
         import re
@@ -185,7 +201,7 @@ class Tokenizer:
         elif template:
             source = template
         if not source:
-            raise ConfigError(f"{self.folder}: this tokenizer has no chat template")
+            raise ConfigError(f"{self.folder.name}: this tokenizer has no chat template")
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise GenerationError(f"messages[{i}]: expected a dict with 'role' and 'content', got {m!r}")
@@ -196,7 +212,7 @@ class Tokenizer:
             text = _compile(source).render(messages=messages, tools=None, documents=None,
                                            add_generation_prompt=add_generation_prompt, **variables)
         except jinja2.TemplateError as e:  # the template's own raise_exception(), or a broken template
-            raise GenerationError(f"{self.folder}: the chat template rejected these messages: {e}") from e
+            raise GenerationError(f"{self.folder.name}: the chat template rejected these messages: {e}") from e
         return self.encode(text, add_special_tokens=False) if tokenize else text
 
     def save(self, folder: str | Path) -> None:

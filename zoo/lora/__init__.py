@@ -12,6 +12,7 @@ variables after build through Keras' private tracker, and merges silently when w
 """
 
 import contextlib
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,7 +184,7 @@ def save(model, folder, name: str | None = None) -> Path:
     base, revision = _base_model(model)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    write_json(folder / CONFIG_FILE, adapter.settings.to_peft(model._lora_task_type, base, revision))
+    write_json(folder / CONFIG_FILE, _current_names(adapter).to_peft(model._lora_task_type, base, revision))
     write_safetensors(folder / WEIGHTS_FILE, tensors, metadata={"format": "pt"})
     return folder
 
@@ -322,6 +323,31 @@ def _existing(model, name: str | None, where: str) -> str:
     if name not in state.adapters:
         raise AdapterError(f"{where}: no adapter named {name!r}; the model has {adapters(model)}")
     return name
+
+
+def _current_names(adapter: _Adapter) -> Settings:
+    """The settings with module names as `save_adapter` writes them: an adapter read under other names
+    (transformers 4's `query`) lists the modules it adapts by their full current names instead."""
+    settings = adapter.settings
+    adapted = [m for m, placed in adapter.parts if isinstance(placed[0][1], LowRank)]
+    names = [m.name for m in adapted]
+    if not isinstance(settings.target_modules, str) and not all(
+            any(n == t or n.endswith("." + t) for n in names) for t in settings.target_modules):
+        settings = dataclasses.replace(settings, target_modules=tuple(names), layers_to_transform=None,
+                                       layers_pattern=None)
+
+    def renamed(patterns: dict) -> dict:
+        out = {}
+        for key, value in patterns.items():
+            hits = [m for m in adapted if any(re.match(rf"(.*\.)?({key})$", n) for n in m.names)]
+            if hits and not any(re.match(rf"(.*\.)?({key})$", m.name) for m in hits):
+                out.update({m.name: value for m in hits})
+            else:
+                out[key] = value
+        return out
+
+    return dataclasses.replace(settings, rank_pattern=renamed(settings.rank_pattern),
+                               alpha_pattern=renamed(settings.alpha_pattern))
 
 
 def _examples(found: list[Module]) -> str:

@@ -46,7 +46,8 @@ class PresetModel(keras.Model):
 
     def program_signature(self) -> tuple:
         """Changes when a compiled program of the model is stale: its weights or its active adapter changed."""
-        return backends.weights_signature(self), lora.active(self)
+        nested = getattr(self, "backbone", None)  # a backbone's own adapters (`lm.backbone.enable_lora`)
+        return backends.weights_signature(self), lora.active(self), nested is not None and lora.active(nested)
 
     # LoRA adapters, in PEFT's format (zoo.lora).
     def enable_lora(self, rank: int = 8, alpha: float | None = None, targets=None, dropout: float = 0.0,
