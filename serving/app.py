@@ -163,6 +163,21 @@ class Server:
         if declared and declared.isdigit() and int(declared) > limit:
             raise APIError(413, f"the request body is {declared} bytes; the limit is {limit}", code="body_too_large")
 
+    def counted(self, request: Request) -> Request:
+        """The request with a body that ends in a 413 once more than `max_body_bytes` have arrived, however it
+        is sent (chunked, multipart): the declared length is only a first check."""
+        limit, seen, receive = self.config.max_body_bytes, 0, request.receive
+
+        async def counting():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b"")) if message["type"] == "http.request" else 0
+            if seen > limit:
+                raise APIError(413, f"the request body is over the {limit}-byte limit", code="body_too_large")
+            return message
+
+        return Request(request.scope, counting)
+
     async def json_body(self, request: Request) -> dict:
         self.check_declared_size(request)
         limit, chunks, size = self.config.max_body_bytes, [], 0
@@ -274,8 +289,12 @@ class Server:
                    "logprobs": None} if chat else {"index": 0, "text": text, "finish_reason": finish, "logprobs": None})
         return JSONResponse({**meta, "choices": [choice], "usage": totals})
 
-    async def _events(self, request: Request, name: str, scheduler: GenerationScheduler, ticket):
-        """The ticket's events; cancels the request if the client disconnects or the deadline passes."""
+    async def _events(self, request: Request, name: str, scheduler: GenerationScheduler, ticket, streaming=False):
+        """The ticket's events; cancels the request if the client disconnects or the deadline passes.
+
+        A streaming response learns of a disconnect when its next chunk cannot be sent (one decode step);
+        a plain one asks after every event, so neither runs on for a client that has gone.
+        """
         deadline = ticket.submitted + self.config.request_timeout_s
         first = True
         try:
@@ -298,6 +317,8 @@ class Server:
                 yield event
                 if event.finished:
                     return
+                if not streaming and await request.is_disconnected():
+                    scheduler.cancel(ticket)
         finally:
             if not ticket.request.finished:
                 scheduler.cancel(ticket)
@@ -317,7 +338,7 @@ class Server:
         try:
             if chat:
                 yield chunk(None, None, role=True)
-            async for event in self._events(request, name, scheduler, ticket):
+            async for event in self._events(request, name, scheduler, ticket, streaming=True):
                 if event.finished:
                     reason = event.request.finish_reason
                     if reason == "cancelled":
@@ -344,8 +365,11 @@ class Server:
         if content_type.startswith("multipart/form-data"):
             self.check_declared_size(request)
             try:
-                form = await request.form(max_files=self.config.max_images, max_part_size=self.config.max_body_bytes)
-            except Exception as e:
+                form = await self.counted(request).form(max_files=self.config.max_images,
+                                                        max_part_size=self.config.max_body_bytes)
+            except APIError:
+                raise
+            except Exception as e:  # Starlette's MultiPartException and the parser's errors
                 raise APIError(400, f"cannot read the multipart form: {e}") from None
             body = {"model": form.get("model"), "top_k": int(form["top_k"]) if str(form.get("top_k", "")).isdigit()
                     else form.get("top_k")}

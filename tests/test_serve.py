@@ -213,6 +213,34 @@ def test_disconnect_mid_stream_frees_the_slot(models):
         r.stop()
 
 
+def test_disconnect_of_a_plain_request_cancels_it_within_a_step(models):
+    """A non-streaming client that gives up while tokens flow: the request stops at once (before, the server
+    only looked for a disconnect when no token had come for 0.25 s, so it ran to max_tokens)."""
+    r = Running(models, max_batch=1, max_queue=4)
+    engine = r.app.state.server.generators["tiny-gemma"].engine
+    fast_step, steps = engine.step, []
+
+    def slow_step():  # 20 ms a step: 88 tokens would take ~1.8 s
+        time.sleep(0.02)
+        steps.append(time.monotonic())
+        return fast_step()
+
+    engine.step = slow_step
+    try:
+        before = r.metric("zoo_cancelled_requests_total")
+        body = {"model": "tiny-gemma", "prompt": "def", "max_tokens": 88, "temperature": 0, "ignore_eos": True}
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(r.url + "/v1/completions", json=body, timeout=0.3)
+        gone = time.monotonic()
+        deadline = gone + 30
+        while r.metric("zoo_cancelled_requests_total") <= before and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert r.metric("zoo_cancelled_requests_total") == before + 1
+        assert len([t for t in steps if t > gone]) <= 3 and len(steps) < 40  # cancelled within a step or so
+    finally:
+        r.stop()
+
+
 def test_full_queue_answers_429_and_keeps_serving(models):
     r = Running(models, max_batch=1, max_queue=1)
     engine = r.app.state.server.generators["tiny-gemma"].engine
@@ -289,6 +317,26 @@ def test_classification_shares_the_limits(models):
 ])
 def test_completion_errors(running, body, status, fragment):
     assert fragment in error_of(running.http.post("/v1/completions", json=body), status)["message"]
+
+
+def test_chunked_multipart_counts_bytes_as_they_arrive(models):
+    """No Content-Length (chunked): many parts each under the part limit, over the body limit all together."""
+    r = Running(models, max_body_bytes=2**20)
+    try:
+        boundary = "zooboundary"
+
+        def body():  # 8 parts of 300 kB, sent as they are made
+            for i in range(8):
+                yield (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{i}.png\"\r\n"
+                       "Content-Type: image/png\r\n\r\n").encode() + b"x" * 300_000 + b"\r\n"
+            yield f"--{boundary}--\r\n".encode()
+
+        response = r.http.post("/v1/classify", content=body(),
+                               headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        assert "content-length" not in response.request.headers
+        assert error_of(response, 413)["code"] == "body_too_large"
+    finally:
+        r.stop()
 
 
 def test_image_pixel_limit_before_decoding(running):
