@@ -228,7 +228,8 @@ def _diagnose(path: Path, error: Exception) -> str:
     end = 0
     for name, entry in header.items():
         if not (isinstance(entry, dict) and _ints(entry.get("shape")) and _ints(entry.get("data_offsets"))
-                and len(entry["data_offsets"]) == 2 and entry.get("dtype") in DTYPE_SIZES):
+                and len(entry["data_offsets"]) == 2 and isinstance(entry.get("dtype"), str)
+                and entry["dtype"] in DTYPE_SIZES):
             return f"{prefix}: the header entry for tensor {name!r} is malformed: {entry!r:.200}"
         begin, stop = entry["data_offsets"]
         nbytes = math.prod(entry["shape"]) * DTYPE_SIZES[entry["dtype"]]
