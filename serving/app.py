@@ -30,8 +30,8 @@ from zoo import backends, hub
 from zoo.errors import ConfigError, GenerationError, ImageError, ZooError
 from zoo.models.fields import Fields
 from zoo.serving.metrics import CONTENT_TYPE_LATEST, Metrics
-from zoo.serving.protocol import (CHAT_FIELDS, COMPLETION_FIELDS, APIError, base64_images, completion_prompt,
-                                  decode_image, field, sampling, usage)
+from zoo.serving.protocol import (CHAT_FIELDS, COMPLETION_FIELDS, APIError, base64_images, chat_messages,
+                                  completion_prompt, decode_image, field, sampling, usage)
 from zoo.serving.scheduler import ClassificationScheduler, GenerationScheduler, QueueFull
 
 log = logging.getLogger("zoo.serving")
@@ -246,13 +246,9 @@ class Server:
         params = sampling(body, CHAT_FIELDS if chat else COMPLETION_FIELDS, limit)
         tokenizer = scheduler.lm.tokenizer
         try:
-            if chat:
-                messages = field(body, "messages", list, required=True, check=bool, message="a non-empty list")
-                for i, m in enumerate(messages):
-                    if isinstance(m, dict) and isinstance(m.get("content"), list):  # [{"type": "text", "text": ...}]
-                        m = dict(m, content="".join(p.get("text", "") for p in m["content"] if isinstance(p, dict)))
-                        messages[i] = m
-                prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            if chat:  # the users' special tokens' strings stay text: no forged turn markers
+                prompt_ids = tokenizer.apply_chat_template(chat_messages(body), add_generation_prompt=True,
+                                                           tokenize=True, content_as_text=True)
             else:
                 prompt_ids = completion_prompt(body, tokenizer)
         except (GenerationError, ZooError) as e:

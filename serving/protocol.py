@@ -47,6 +47,40 @@ CHAT_FIELDS = COMMON_FIELDS | {"messages", "top_logprobs", "response_format", "t
 PROMPT_FORMS = "a string, a list of token ids, or a list holding one of those (one prompt per request)"
 
 
+def text(value: str, where: str) -> str:
+    """Text a client sent, refused if it cannot be UTF-8 (a lone surrogate such as "\\ud800")."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise APIError(400, f"{where} holds {value[e.start:e.end]!r}, which is not valid Unicode text (a lone "
+                            "surrogate)", param=where.split("[")[0], code="invalid_value") from None
+    return value
+
+
+def chat_messages(body: dict) -> list[dict]:
+    """`messages` as the chat template takes them: each a role and text content (a string, or OpenAI's list of
+    {"type": "text", "text": ...} parts, joined)."""
+    messages = field(body, "messages", list, required=True, check=bool, message="a non-empty list")
+    out = []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str)):
+            raise APIError(400, f"{where} must be an object with a string 'role' and 'content'", param="messages",
+                           code="invalid_type")
+        content = m.get("content")
+        if isinstance(content, list):
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise APIError(400, f"{where}.content: expected text parts {{\"type\": \"text\", \"text\": "
+                                    "string}; this server takes text only", param="messages", code="invalid_type")
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise APIError(400, f"{where}.content must be a string or a list of text parts, got "
+                                f"{type(content).__name__}", param="messages", code="invalid_type")
+        out.append({**m, "role": text(m["role"], f"{where}.role"), "content": text(content, f"{where}.content")})
+    return out
+
+
 def completion_prompt(body: dict, tokenizer) -> list[int]:
     """The token ids of OpenAI's `prompt`: text (BOS added as the tokenizer says, special tokens' strings read as
     text), or token ids taken as they are (as OpenAI and vLLM do; the engine refuses ids outside the vocabulary)."""
@@ -56,7 +90,7 @@ def completion_prompt(body: dict, tokenizer) -> list[int]:
     if not prompt:
         raise APIError(400, "'prompt' is empty", param="prompt")
     if isinstance(prompt, str):  # a special token's string in the text stays text (no injected turns)
-        return tokenizer.encode(prompt, parse_special=False)
+        return tokenizer.encode(text(prompt, "prompt"), parse_special=False)
     if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         raise APIError(400, f"'prompt' must be {PROMPT_FORMS}, got {body['prompt']!r:.200}", param="prompt",
                        code="invalid_type")

@@ -10,6 +10,7 @@ sandboxed Jinja environment with trim_blocks/lstrip_blocks, loop controls, `rais
 
 import datetime
 import json
+import re
 import shutil
 from functools import cached_property
 from pathlib import Path
@@ -181,19 +182,18 @@ class Tokenizer:
     @cached_property
     def _sp_split(self):
         """A pattern splitting text around the control tokens' strings (sentencepiece cannot encode them)."""
-        import re
-
         pieces = sorted({self._sp.IdToPiece(i) for i in self.special_ids}, key=len, reverse=True)
         return re.compile("(" + "|".join(map(re.escape, pieces)) + ")") if pieces else None
 
     # ------------------------------------------------------------------ chat
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, tokenize: bool = False,
-                            template: str | None = None, **kwargs) -> str | list[int]:
+                            template: str | None = None, content_as_text: bool = False, **kwargs) -> str | list[int]:
         """Renders messages with the checkpoint's chat template, exactly as transformers does.
 
         Returns the text, or its token ids (tokenized without adding special tokens, since the
-        template writes them) with `tokenize=True`.
+        template writes them) with `tokenize=True`. `content_as_text` encodes special tokens' strings
+        inside the messages' contents as text, so a user cannot forge turn markers (a server's choice).
         """
         source = self.chat_template
         if isinstance(source, dict):
@@ -205,15 +205,62 @@ class Tokenizer:
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise GenerationError(f"messages[{i}]: expected a dict with 'role' and 'content', got {m!r}")
+        text = self._render(source, messages, add_generation_prompt, kwargs)
+        if not tokenize:
+            return text
+        if content_as_text and any(isinstance(m["content"], str) and self._holds_special(m["content"]) for m in messages):
+            return self._encode_content_as_text(source, messages, text, add_generation_prompt, kwargs)
+        return self.encode(text, add_special_tokens=False)
+
+    def _render(self, source: str, messages: list, add_generation_prompt: bool, kwargs: dict) -> str:
         import jinja2
 
-        variables = {**self.special_tokens, **kwargs}
         try:
-            text = _compile(source).render(messages=messages, tools=None, documents=None,
-                                           add_generation_prompt=add_generation_prompt, **variables)
+            return _compile(source).render(messages=messages, tools=None, documents=None,
+                                           add_generation_prompt=add_generation_prompt, **self.special_tokens, **kwargs)
         except jinja2.TemplateError as e:  # the template's own raise_exception(), or a broken template
             raise GenerationError(f"{self.folder.name}: the chat template rejected these messages: {e}") from e
-        return self.encode(text, add_special_tokens=False) if tokenize else text
+
+    @cached_property
+    def _special_strings(self) -> tuple[str, ...]:
+        if self._hf:
+            return tuple(t.content for t in self._hf.get_added_tokens_decoder().values() if t.special)
+        return tuple(self._sp.IdToPiece(i) for i in self.special_ids)
+
+    def _holds_special(self, text: str) -> bool:
+        return any(s in text for s in self._special_strings)
+
+    def _encode_content_as_text(self, source, messages, text, add_generation_prompt, kwargs) -> list[int]:
+        """The template's own text with its special tokens, each content encoded as plain text.
+
+        The template is rendered again with a placeholder for each content; the real rendering is then
+        read piece by piece: a literal of the template, a content as written (or trimmed, as templates do).
+        """
+        marks = [dict(m, content=f"\ue000{i}\ue001") if isinstance(m["content"], str) else m
+                 for i, m in enumerate(messages)]
+        parts = re.split("\ue000(\\d+)\ue001", self._render(source, marks, add_generation_prompt, kwargs))
+        ids, pos = [], 0
+        for k, part in enumerate(parts):
+            if k % 2 == 0:  # the template's text
+                if not text.startswith(part, pos):
+                    break
+                ids += self.encode(part, add_special_tokens=False)
+                pos += len(part)
+                continue
+            content = messages[int(part)]["content"]
+            written = next((c for c in (content, content.strip(), content.lstrip(), content.rstrip())
+                            if text.startswith(c, pos)), None)
+            if written is None:
+                break
+            ids += self.encode(written, add_special_tokens=False, parse_special=False)
+            pos += len(written)
+        else:
+            if pos == len(text):
+                return ids
+        found = sorted({s for s in self._special_strings for m in messages
+                        if isinstance(m["content"], str) and s in m["content"]})
+        raise GenerationError(f"{self.folder.name}: a message holds special tokens' text ({', '.join(found)}) and the "
+                              "chat template changes contents in a way that cannot keep it as text")
 
     def save(self, folder: str | Path) -> None:
         """Copies the tokenizer's files into `folder`."""
