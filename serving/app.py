@@ -16,6 +16,7 @@ import dataclasses
 import hmac
 import json
 import logging
+import math
 import threading
 import time
 import uuid
@@ -385,6 +386,9 @@ class Server:
             results = await scheduler.submit(images, top_k)
         except (ImageError, ZooError) as e:
             raise APIError(400, str(e), param="images") from None
+        for labels in results:  # a model loaded with allow_nonfinite may score NaN: JSON has no NaN, so null
+            for entry in labels:
+                entry["score"] = entry["score"] if math.isfinite(entry["score"]) else None
         return JSONResponse({"object": "list", "model": name,
                              "data": [{"index": i, "labels": labels} for i, labels in enumerate(results)]})
 

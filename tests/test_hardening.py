@@ -5,11 +5,14 @@ import shutil
 import struct
 import time
 
+import keras
+import ml_dtypes
 import numpy as np
 import pytest
 
 import zoo
 from zoo.errors import ConfigError, CorruptCheckpointError, ImageError, PresetNotFoundError, ZooError
+from zoo.host import all_finite
 
 DEEP = "[" * 100_000 + "]" * 100_000
 
@@ -142,3 +145,28 @@ def test_a_huge_resolution_builds_without_a_huge_resampling_matrix(vit):
     """image_size far beyond the checkpoint's grid: the position resampling is two small matrices."""
     backbone = zoo.ViTBackbone.from_preset(vit, image_size=100_000)
     assert sum(m.nbytes for m in backbone.embeddings.resample) < 2**20
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_weights_are_refused_unless_allowed(vit, bad):
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(vit / "model.safetensors")
+    name = "vit.encoder.layer.0.intermediate.dense.weight"
+    tensors[name] = tensors[name].copy()
+    tensors[name][3, 5] = bad
+    save_file(tensors, vit / "model.safetensors")
+    with pytest.raises(CorruptCheckpointError, match=rf"{name} in model.safetensors holds NaN or infinite values; "
+                                                     "pass allow_nonfinite=True"):
+        zoo.ViTImageClassifier.from_preset(vit)
+    model = zoo.ViTImageClassifier.from_preset(vit, allow_nonfinite=True)
+    assert not np.isfinite(keras.ops.convert_to_numpy(model.backbone.encoder_layers[0].fc1.kernel)).all()
+
+
+def test_bfloat16_non_finite_weights_are_found():
+    a = np.zeros(5_000_000, ml_dtypes.bfloat16)
+    assert all_finite(a)
+    a[4_999_999] = np.inf
+    assert not all_finite(a)
+    big = np.full(4, 3e30, np.float32)  # its squares overflow float32: the exact check must still say finite
+    assert all_finite(big)

@@ -4,6 +4,7 @@ import base64
 import concurrent.futures
 import io
 import json
+import shutil
 import socket
 import threading
 import time
@@ -372,6 +373,22 @@ def test_chunked_multipart_counts_bytes_as_they_arrive(models):
                                headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
         assert "content-length" not in response.request.headers
         assert error_of(response, 413)["code"] == "body_too_large"
+    finally:
+        r.stop()
+
+
+def test_a_model_scoring_nan_still_answers_json(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    folder = shutil.copytree(zoo.presets.get("vit_tiny_digits").folder, tmp_path / "nan")
+    tensors = load_file(folder / "model.safetensors")
+    tensors["classifier.bias"] = np.full_like(tensors["classifier.bias"], np.nan)
+    save_file(tensors, folder / "model.safetensors")
+    r = Running({"nan": zoo.ViTImageClassifier.from_preset(folder, allow_nonfinite=True)})
+    try:
+        image = base64.b64encode(SAMPLES[0].read_bytes()).decode()
+        out = r.http.post("/v1/classify", json={"model": "nan", "images": [image], "top_k": 2})
+        assert out.status_code == 200 and [x["score"] for x in out.json()["data"][0]["labels"]] == [None, None]
     finally:
         r.stop()
 

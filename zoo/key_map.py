@@ -19,8 +19,9 @@ import numpy as np
 
 from zoo import backends
 from zoo.checkpoint import Checkpoint, PendingTensor
-from zoo.errors import CheckpointError, MissingWeightsError, ShapeMismatchError, UnexpectedWeightsError
-from zoo.host import astype_aligned, host_dtype
+from zoo.errors import (CheckpointError, CorruptCheckpointError, MissingWeightsError, ShapeMismatchError,
+                        UnexpectedWeightsError)
+from zoo.host import all_finite, astype_aligned, host_dtype
 from zoo.safetensors_file import TensorInfo
 
 Shape = tuple[int, ...]
@@ -169,9 +170,13 @@ def _expected_source(rows: list[Row], path: str, weights: dict) -> tuple[str, Sh
     return f"<no row of the key map fills {path}>", None
 
 
-def load(assignments: list[Assignment], checkpoint: Checkpoint, weights: dict) -> None:
-    """Streams each planned tensor into its weight(s), casting to the weight's dtype."""
+def load(assignments: list[Assignment], checkpoint: Checkpoint, weights: dict, check_finite: bool = True) -> None:
+    """Streams each planned tensor into its weight(s), casting to the weight's dtype; with `check_finite`, a
+    tensor holding NaN or infinity is a `CorruptCheckpointError` (a model that would answer NaN)."""
     for a, array in zip(assignments, checkpoint.read_many([a.source.name for a in assignments])):
+        if check_finite and not all_finite(array):
+            raise CorruptCheckpointError(f"{a.source.name} in {a.source.file.name} holds NaN or infinite values; "
+                                         "pass allow_nonfinite=True to from_preset to load it anyway")
         transform = TRANSFORMS[a.transform]
         shapes = [tuple(weights[t].shape) for t in a.targets]
         sizes = [transform.source_shape(s)[0] for s in shapes]

@@ -72,8 +72,11 @@ def _collector_paused():
             gc.enable()
 
 
-def from_preset(cls, preset: str | os.PathLike, dtype: str | None = None, **kwargs):
-    """`cls` built from a preset name, handle or folder, every weight from its checkpoint (see the module docstring)."""
+def from_preset(cls, preset: str | os.PathLike, dtype: str | None = None, allow_nonfinite: bool = False, **kwargs):
+    """`cls` built from a preset name, handle or folder, every weight from its checkpoint (see the module docstring).
+
+    A weight holding NaN or infinity is a `CorruptCheckpointError` naming its tensors, unless `allow_nonfinite`.
+    """
     if dtype is not None:
         check_dtype(dtype)
     folder = hub.resolve(preset)
@@ -100,7 +103,8 @@ def from_preset(cls, preset: str | os.PathLike, dtype: str | None = None, **kwar
                 model = cls._from_folder(config, folder, dtype=dtype, **kwargs)
             fresh = model._fresh_weights()
             weights = {path: v for path, v in weights_by_path(model).items() if path not in fresh}
-            load(plan(model.key_map(model.config), checkpoint, weights), checkpoint, weights)
+            assignments = plan(model.key_map(model.config), checkpoint, weights)
+            load(assignments, checkpoint, weights, check_finite=not allow_nonfinite)
     finally:
         checkpoint.stop_prefetch()
     model._after_load()
