@@ -74,3 +74,12 @@ def _isolated_caches(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("KAGGLEHUB_CACHE", str(home / "kaggle"))
     monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(home / "kaggle_config"))
     monkeypatch.setenv("ZOO_CACHE", str(home / "zoo"))  # keras-zoo's record of Kaggle downloads
+
+
+FUZZ_COUNTS: dict[str, int] = {}  # inputs tried per fuzz target (tests/test_fuzz.py), reported at the end
+
+
+def pytest_terminal_summary(terminalreporter):
+    if FUZZ_COUNTS:
+        tried = ", ".join(f"{name} {count}" for name, count in sorted(FUZZ_COUNTS.items()))
+        terminalreporter.write_line(f"fuzz: inputs tried per target: {tried}")

@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import zoo
+from conftest import FUZZ_COUNTS
 from test_serve import Running
 from zoo.errors import ZooError
 
@@ -29,6 +30,10 @@ SCALARS = (st.none() | st.booleans() | st.integers(-3, 5000) | st.sampled_from([
            | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=12))
 VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner,
                                                                                           max_size=4), max_leaves=8)
+
+
+def _tried(target: str) -> None:
+    FUZZ_COUNTS[target] = FUZZ_COUNTS.get(target, 0) + 1
 
 
 def _header(path: Path) -> tuple[dict, bytes]:
@@ -64,6 +69,7 @@ def _copy(source: Path, scratch: Path) -> Path:
 @FUZZ
 @given(data=st.data())
 def test_safetensors_header(scratch, data):
+    _tried("safetensors header")
     folder = _copy(DIGITS, scratch)
     header, body = _header(folder / "model.safetensors")
     kind = data.draw(st.sampled_from(["field", "entry", "bytes", "length"]))
@@ -90,6 +96,7 @@ def test_safetensors_header(scratch, data):
 @FUZZ
 @given(data=st.data())
 def test_config_json(scratch, data):
+    _tried("config.json")
     folder = _copy(DIGITS, scratch)
     config = json.loads((folder / "config.json").read_text())
     for _ in range(data.draw(st.integers(1, 3))):
@@ -102,6 +109,7 @@ def test_config_json(scratch, data):
 @FUZZ
 @given(data=st.data())
 def test_tokenizer_config_json(scratch, data):
+    _tried("tokenizer_config.json")
     folder = _copy(PYCODE, scratch)
     config = json.loads((folder / "tokenizer_config.json").read_text())
     for _ in range(data.draw(st.integers(1, 3))):
@@ -133,6 +141,7 @@ GOOD = {"model": "lm", "prompt": "def", "max_tokens": 4, "messages": [{"role": "
 @FUZZ
 @given(data=st.data())
 def test_request_bodies(server, data):
+    _tried("request bodies")
     route = data.draw(st.sampled_from(["/v1/completions", "/v1/chat/completions", "/v1/classify"]))
     body = {k: v for k, v in GOOD.items() if data.draw(st.booleans())}
     for _ in range(data.draw(st.integers(0, 4))):
