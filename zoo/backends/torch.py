@@ -15,7 +15,8 @@ PREDICT = "torch.jit.trace of the forward pass (models with traced_predict), els
 # Keras' choice (eager). jit_compile=True (torch.compile) trains ~10% faster once compiled, after a first
 # step of a minute or more on a CPU: left to the user (benchmarks/RESULTS.md, LoRA training).
 TRAIN_JIT_COMPILE = "auto"
-MAX_TRACES = 8  # input shapes kept traced per compiled callable (a generation engine needs a handful)
+MAX_TRACES = 64  # input shapes kept traced per compiled callable: an engine warms up (length x batch buckets),
+# about 40 prefill shapes at 2048 positions; with fewer kept, serving re-traced evicted ones (a 0.5 s stall)
 
 
 _device: str | None = None
