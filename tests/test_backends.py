@@ -226,8 +226,10 @@ def test_the_choice_is_visible_and_can_be_forced():
 
 
 def test_a_backend_outside_the_fence_is_refused_at_import():
-    """Keras on its NumPy backend: `import zoo` says which backends keras-zoo runs on, instead of failing later."""
+    """Keras on its NumPy backend: the first use of a model class says which backends keras-zoo runs on, instead
+    of failing later (`import zoo` itself loads no backend)."""
     env = dict(os.environ, KERAS_BACKEND="numpy")
-    done = subprocess.run([sys.executable, "-c", "import zoo"], env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", "import zoo; zoo.ViTImageClassifier"], env=env, capture_output=True,
+                          text=True, timeout=300)
     assert done.returncode != 0
     assert "BackendError: Keras runs on 'numpy'; keras-zoo runs on jax, torch, tensorflow" in done.stderr

@@ -1,10 +1,12 @@
-"""Pick a Keras backend that is installed, before Keras is first imported.
+"""Pick the Keras backend once, before Keras is first imported, by one documented rule:
 
-Keras falls back to TensorFlow when neither `KERAS_BACKEND` nor `~/.keras/keras.json`
-names a backend, and keras-zoo does not depend on TensorFlow: a user who installed
-`keras-zoo[jax]` would otherwise get an ImportError on `import zoo`. When the user has
-chosen nothing, or chose a backend that is not installed, we choose the first installed
-of JAX, PyTorch and TensorFlow. An explicit, installed choice is always kept.
+1. `KERAS_BACKEND`, if set;
+2. else the backend in the user's own Keras config (`~/.keras/keras.json`, or `$KERAS_HOME`), if installed;
+3. else keras-zoo's default: the first installed of JAX, PyTorch and TensorFlow.
+
+The same install gives the same backend on every run. Keras writes its own defaults to keras.json
+on its first import when the file is missing ("tensorflow", whatever backend that run used): such
+a file is no one's choice, and rule 2 ignores it, or the second run would differ from the first.
 """
 
 import importlib.util
@@ -16,15 +18,22 @@ _MODULES = {"jax": "jax", "torch": "torch", "tensorflow": "tensorflow", "numpy":
 _PREFERENCE = ("jax", "torch", "tensorflow")
 
 
+# keras.json exactly as Keras writes it when it finds none.
+_KERAS_WRITTEN = {"floatx": "float32", "epsilon": 1e-07, "backend": "tensorflow", "image_data_format": "channels_last"}
+
+
 def _configured_backend() -> str | None:
     if os.environ.get("KERAS_BACKEND"):
         return os.environ["KERAS_BACKEND"]
     keras_home = os.environ.get("KERAS_HOME", os.path.join(os.path.expanduser("~"), ".keras"))
     try:
         with open(os.path.join(keras_home, "keras.json")) as f:
-            return json.load(f).get("backend")
+            config = json.load(f)
     except (OSError, ValueError):
         return None
+    if not isinstance(config, dict) or config == _KERAS_WRITTEN:
+        return None
+    return config.get("backend")
 
 
 def _installed(backend: str) -> bool:
@@ -33,11 +42,12 @@ def _installed(backend: str) -> bool:
 
 
 def choose() -> None:
-    """Sets `KERAS_BACKEND` to an installed backend unless Keras is already imported."""
+    """Sets `KERAS_BACKEND` by the rule above, unless Keras is already imported (then Keras has chosen)."""
     if "keras" in sys.modules:
         return
     configured = _configured_backend()
     if configured and _installed(configured):
+        os.environ["KERAS_BACKEND"] = configured  # so Keras reads the same, not its own written default
         return
     for backend in _PREFERENCE:
         if _installed(backend):

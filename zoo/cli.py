@@ -23,6 +23,7 @@ def _positive_int(text: str) -> int:
 def _classify(args) -> int:
     import zoo
 
+    _say_backend()
     model = zoo.ViTImageClassifier.from_preset(args.preset)
     images = list(args.images)
     if args.samples:
@@ -63,6 +64,7 @@ def _generate(args) -> int:
     temperature = args.temperature if args.temperature is not None else (1.0 if sampling else 0.0)
     sampler = Sampler(temperature=temperature, top_k=args.top_k or 0, top_p=1.0 if args.top_p is None else args.top_p,
                       seed=args.seed)
+    _say_backend()
     lm = zoo.GemmaCausalLM.from_preset(args.preset)
     pieces = lm.stream(args.prompt, max_new_tokens=args.max_new_tokens, sampler=sampler, stop=args.stop or None,
                        chat=args.chat)
@@ -244,21 +246,48 @@ COMMANDS = [_add_classify, _add_generate, _add_list, _add_info, _add_download, _
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zoo", description="keras-zoo: pretrained multi-backend models for Keras 3")
-    p.add_argument("--version", action="store_true", help="print the version and the Keras backend")
+    p.add_argument("--version", action="store_true", help="print the versions of keras-zoo, Keras and the backend")
+    p.add_argument("--backend", choices=("jax", "torch", "tensorflow"),
+                   help="the Keras backend for this command (default: $KERAS_BACKEND, then your ~/.keras/keras.json, "
+                        "then the first installed of jax, torch, tensorflow)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for add in COMMANDS:
         add(sub)
     return p
 
 
+def _say_backend() -> None:
+    """One line on stderr: the backend and device a command that loads a model runs on."""
+    from zoo import backends
+
+    where = backends.describe()
+    print(f"zoo: {where['backend']} backend on {where['device']}", file=sys.stderr)
+
+
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    if args.backend:
+        if "keras" in sys.modules:
+            raise SystemExit("zoo --backend: Keras is already imported in this process; set KERAS_BACKEND instead")
+        import os
+
+        os.environ["KERAS_BACKEND"] = args.backend
     if args.version:
+        from importlib.metadata import PackageNotFoundError, version
+
         import keras
 
         import zoo
 
-        print(f"keras-zoo {zoo.__version__} (Keras {keras.__version__}, backend {zoo.backends.describe()['backend']})")
+        backend = zoo.backends.describe()["backend"]
+        backend_version = "?"
+        for distribution in (backend, backend + "-cpu"):  # TensorFlow's CPU build has its own distribution name
+            try:
+                backend_version = version(distribution)
+                break
+            except PackageNotFoundError:
+                pass
+        print(f"keras-zoo {zoo.__version__}, Keras {keras.__version__}, backend {backend} {backend_version}")
         return 0
     if not getattr(args, "run", None):
         parser().print_help()

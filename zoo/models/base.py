@@ -14,6 +14,7 @@ from zoo.checkpoint import DEFAULT_MAX_SHARD_SIZE, write_checkpoint
 from zoo.errors import AdapterError
 from zoo.files import write_json
 from zoo.key_map import export, weights_by_path
+from zoo.models import register_all
 
 SOURCE_FILE = "zoo_source.json"  # where save_preset records the hub revision a model came from
 
@@ -121,6 +122,7 @@ class PresetModel(keras.Model):
                 `torch_dtype` in config.json), else float32.
             **kwargs: model-specific options (e.g. `image_size` for ViT).
         """
+        register_all()  # a config.json of another family is then named as such
         return loader.from_preset(cls, preset, dtype=dtype, **kwargs)
 
     def save_preset(self, folder: str | os.PathLike, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> Path:

@@ -1,0 +1,59 @@
+"""A new user's first hour: the same backend on every run, a CLI that answers without loading a backend."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+HEAVY = ("keras", "jax", "torch", "tensorflow")
+
+
+def run(args: list[str], home, backend: str | None = None, code: str | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("KERAS_BACKEND", "KERAS_HOME")}
+    env["HOME"] = str(home)
+    if backend:
+        env["KERAS_BACKEND"] = backend
+    command = [sys.executable, "-c", code] if code else [sys.executable, "-m", "zoo.cli", *args]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+
+
+def backend_of(proc) -> str:
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout.split("backend ")[1].split()[0]  # "keras-zoo 0.1.0, Keras 3.x, backend jax 0.x"
+
+
+def test_the_backend_is_the_same_on_every_run(tmp_path):
+    """Keras writes its defaults ("tensorflow") to ~/.keras/keras.json on its first import: no one's choice,
+    so the second run must not switch to it."""
+    first = backend_of(run(["--version"], tmp_path))
+    written = json.loads((tmp_path / ".keras" / "keras.json").read_text())
+    assert written["backend"] == "tensorflow" and first == "jax"  # jax is installed here: keras-zoo's default
+    assert backend_of(run(["--version"], tmp_path)) == first
+    assert backend_of(run(["--version"], tmp_path, backend="torch")) == "torch"
+    assert backend_of(run(["--backend", "tensorflow", "--version"], tmp_path)) == "tensorflow"
+    (tmp_path / ".keras" / "keras.json").write_text(json.dumps({**written, "backend": "torch", "floatx": "float32",
+                                                                 "image_data_format": "channels_last"}))
+    assert backend_of(run(["--version"], tmp_path)) == "torch"  # the user's own choice
+
+
+CHECK = ("import sys\nfrom zoo import cli\ntry:\n    cli.main({args!r})\nexcept SystemExit:\n    pass\n"
+         "print('HEAVY', sorted(m for m in {heavy!r} if m in sys.modules))")
+
+
+@pytest.mark.parametrize("args", [["--help"], ["list"], ["info", "vit_tiny_digits"], ["list", "--help"],
+                                  ["serve", "--help"]])
+def test_catalogue_commands_load_no_backend(tmp_path, args):
+    proc = run([], tmp_path, code=CHECK.format(args=args, heavy=HEAVY))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "HEAVY []"
+
+
+def test_import_zoo_loads_no_backend_until_a_model_is_used(tmp_path):
+    code = ("import sys, zoo\ncards = zoo.list_presets()\nprint(len(cards), sorted(m for m in {heavy!r} if m in "
+            "sys.modules))\nzoo.ViTImageClassifier\nprint('keras' in sys.modules)").format(heavy=HEAVY)
+    proc = run([], tmp_path, code=code)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    count, loaded = proc.stdout.strip().splitlines()
+    assert int(count.split()[0]) > 5 and count.endswith("[]") and loaded == "True"
