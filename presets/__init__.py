@@ -36,6 +36,10 @@ class PresetCard:
     revisions: dict = field(default_factory=dict, compare=False)  # source handle -> pinned revision
     config: dict = field(default_factory=dict, compare=False)  # architecture config.json, when given
 
+    def __repr__(self) -> str:  # one line: the dataclass' own repr prints the whole config dict
+        where = "bundled" if self.bundled else (self.sources[0] if self.sources else "no source")
+        return f"PresetCard({self.name!r}, {self.task}, {self.params:,} parameters, {where})"
+
     def model_config(self):
         """The architecture config this card describes (from `config`, or the bundled folder's config.json)."""
         raw = self.config or (read_json(self.folder / "config.json") if self.folder else None)

@@ -57,3 +57,30 @@ def test_import_zoo_loads_no_backend_until_a_model_is_used(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     count, loaded = proc.stdout.strip().splitlines()
     assert int(count.split()[0]) > 5 and count.endswith("[]") and loaded == "True"
+
+
+def test_preset_cards_print_in_one_line():
+    import zoo
+
+    for card in zoo.list_presets():
+        text = repr(card)
+        assert text.startswith(f"PresetCard({card.name!r}, {card.task}, ") and "\n" not in text and len(text) < 160
+
+
+def test_generation_past_the_models_positions_says_so(tmp_path):
+    import zoo
+    from gemma_reference import save_hf_gemma
+
+    lm = zoo.GemmaCausalLM.from_preset(save_hf_gemma(tmp_path / "g", "gemma"))  # 96 positions
+    prompt = "def add(a, b):"
+    n = len(lm.tokenizer.encode(prompt))
+    with pytest.warns(UserWarning, match=rf"max_new_tokens=500 with a {n}-token prompt passes the model's 96 "
+                                         rf"positions; generation stops after {96 - n} new tokens"):
+        lm.generate(prompt, max_new_tokens=500)
+
+
+def test_the_test_script_runs_the_backends_named(tmp_path):
+    proc = subprocess.run(["bash", "scripts/test.sh", "torch", "--collect-only", "-q", "tests/test_presets.py"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    assert "=== KERAS_BACKEND=torch" in proc.stdout and "KERAS_BACKEND=jax" not in proc.stdout

@@ -5,6 +5,8 @@ Prompts are encoded (optionally through the chat template), checked and made int
 two up to `max_batch` for several, positions for the longest prompt and its new tokens.
 """
 
+import warnings
+
 from zoo.errors import ConfigError, GenerationError
 from zoo.generation import samplers
 from zoo.generation.engine import bucket, engine_for, make_request
@@ -26,6 +28,9 @@ def _requests(model, prompts: list, max_new_tokens, sampler, stop, max_batch, ch
     longest = max(len(r.prompt_ids) for r in requests)
     rows = bucket(len(prompts), max_batch) if len(prompts) > 1 else 1
     limit = model.config.max_position_embeddings
+    if longest + max_new_tokens > limit:  # the engine stops at the model's last position: say so, not silently
+        warnings.warn(f"max_new_tokens={max_new_tokens} with a {longest}-token prompt passes the model's {limit} "
+                      f"positions; generation stops after {limit - longest} new tokens", UserWarning, stacklevel=3)
     chosen_engine = engine_for(model, rows, bucket(longest + max_new_tokens, limit))
     return chosen_engine, [chosen_engine.enqueue(r) for r in requests]
 
