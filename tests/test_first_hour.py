@@ -24,6 +24,8 @@ def backend_of(proc) -> str:
     return proc.stdout.split("backend ")[1].split()[0]  # "keras-zoo 0.1.0, Keras 3.x, backend jax 0.x"
 
 
+@pytest.mark.skipif(os.environ.get("KERAS_BACKEND", "jax") != "jax",
+                    reason="backend-independent (fresh processes choose their own backend): run once, in the JAX run")
 def test_the_backend_is_the_same_on_every_run(tmp_path):
     """Keras writes its defaults ("tensorflow") to ~/.keras/keras.json on its first import: no one's choice,
     so the second run must not switch to it."""
@@ -84,3 +86,13 @@ def test_the_test_script_runs_the_backends_named(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:]
     assert "=== KERAS_BACKEND=torch" in proc.stdout and "KERAS_BACKEND=jax" not in proc.stdout
+
+
+@pytest.mark.parametrize("args", [["classify", "--samples", "--top-k", "1"], ["generate", "def add", "--max-new-tokens", "4"]])
+def test_commands_print_nothing_but_their_own_lines_on_stderr(tmp_path, args):
+    backend = os.environ.get("KERAS_BACKEND", "jax")
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    proc = subprocess.run([sys.executable, "-m", "zoo.cli", "--backend", backend, *args], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stderr.splitlines() == [f"zoo: {backend} backend on cpu"], proc.stderr[-2000:]

@@ -247,6 +247,8 @@ COMMANDS = [_add_classify, _add_generate, _add_list, _add_info, _add_download, _
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zoo", description="keras-zoo: pretrained multi-backend models for Keras 3")
     p.add_argument("--version", action="store_true", help="print the versions of keras-zoo, Keras and the backend")
+    p.add_argument("--verbose", action="store_true",
+                   help="keep the backends' own start-up lines (TensorFlow's C++ notices are silenced otherwise)")
     p.add_argument("--backend", choices=("jax", "torch", "tensorflow"),
                    help="the Keras backend for this command (default: $KERAS_BACKEND, then your ~/.keras/keras.json, "
                         "then the first installed of jax, torch, tensorflow)")
@@ -254,6 +256,20 @@ def parser() -> argparse.ArgumentParser:
     for add in COMMANDS:
         add(sub)
     return p
+
+
+def _quiet_native_output() -> None:
+    """For the rest of the command, Python's stderr (keras-zoo's lines, warnings, logging, tracebacks) stays
+    the terminal's, while what native code writes to file descriptor 2 goes nowhere: TensorFlow 2.21 writes its
+    absl, oneDNN and XLA notices from C++ there, whatever TF_CPP_MIN_LOG_LEVEL says. `--verbose` keeps them."""
+    import os
+
+    sys.stderr.flush()
+    terminal = os.dup(2)
+    sys.stderr = open(terminal, "w", buffering=1, encoding=sys.stderr.encoding, errors="backslashreplace")
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
 
 
 def _say_backend() -> None:
@@ -266,12 +282,14 @@ def _say_backend() -> None:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    import os
+
     if args.backend:
         if "keras" in sys.modules:
             raise SystemExit("zoo --backend: Keras is already imported in this process; set KERAS_BACKEND instead")
-        import os
-
         os.environ["KERAS_BACKEND"] = args.backend
+    if argv is None and not args.verbose and getattr(args, "run", None) is not None:  # the `zoo` program itself,
+        _quiet_native_output()  # not a caller's process (main(argv) from Python keeps its streams)
     if args.version:
         from importlib.metadata import PackageNotFoundError, version
 
