@@ -18,10 +18,7 @@ import base64
 import collections
 import io
 import json
-import os
 import random
-import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -29,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import versions, write_section  # noqa: E402
-from serve import free_port  # noqa: E402
+from serve import start_server  # noqa: E402
 
 LM, VIT = "gemma_tiny_pycode", "vit_tiny_digits"
 
@@ -178,24 +175,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=48)
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args()
-    port = free_port()
-    env = dict(os.environ, KERAS_BACKEND=args.backend, TF_CPP_MIN_LOG_LEVEL="3")
-    cmd = [sys.executable, "-m", "zoo.cli", "serve", "--port", str(port), "--max-batch", "8", "--max-queue", "64"]
-    server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
+    server, url = start_server(args.backend, ["--max-batch", "8", "--max-queue", "64"])
     try:
-        deadline = time.monotonic() + 600
-        while True:
-            if server.poll() is not None:
-                raise SystemExit("zoo serve exited")
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit("zoo serve did not become ready")
-            time.sleep(0.5)
         load = Load(url, args.seconds, args.clients)
         load.one(httpx.Client(base_url=url, timeout=120))  # warm up
         result = load.run(server.pid)

@@ -102,29 +102,35 @@ async def phase(url: str, model: str, clients: int, requests: int, max_tokens: i
             "p99_s": pct(lat, 0.99), "ttft_p50_s": statistics.median(ttft) if ttft else None, "ttft_p99_s": pct(ttft, 0.99)}
 
 
-def run_model(preset: str, name: str, backend: str, client_counts: list[int], requests: int, max_tokens: int,
-              max_batch: int) -> list[dict]:
+def start_server(backend: str, options: list[str]) -> tuple[subprocess.Popen, str]:
+    """`zoo serve OPTIONS` as its own process on a free port, once its /health answers 200: (process, url)."""
     import httpx
 
     port = free_port()
     env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
-    cmd = [sys.executable, "-m", "zoo.cli", "serve", preset, "--port", str(port), "--max-batch", str(max_batch),
-           "--max-queue", "256", "--max-model-len", "256"]
+    cmd = [sys.executable, "-m", "zoo.cli", "serve", *options, "--port", str(port)]
     server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    while True:
+        if server.poll() is not None:
+            raise RuntimeError(f"zoo serve exited: {server.stderr.read()[-2000:]}")
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                return server, url
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            server.terminate()
+            raise RuntimeError("zoo serve did not become ready")
+        time.sleep(0.5)
+
+
+def run_model(preset: str, name: str, backend: str, client_counts: list[int], requests: int, max_tokens: int,
+              max_batch: int) -> list[dict]:
+    server, url = start_server(backend, [preset, "--max-batch", str(max_batch), "--max-queue", "256",
+                                         "--max-model-len", "256"])
     try:
-        deadline = time.monotonic() + 600
-        while True:
-            if server.poll() is not None:
-                raise RuntimeError(f"zoo serve exited: {server.stderr.read()[-2000:]}")
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("zoo serve did not become ready")
-            time.sleep(0.5)
         asyncio.run(phase(url, name, 2, 1, 8))  # warm the sockets and samplers
         rows = []
         for clients in client_counts:
