@@ -135,7 +135,12 @@ def test_second_load_is_served_from_cache_offline(hf, digits, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     hub.set_offline(True)
     assert hub.resolve("hf://acme/digits").name == sha
-    with pytest.raises(HubError, match="not in the local cache and downloads are off"):
+    with pytest.raises(HubError, match="not in the local cache and downloads are off \\(HF_HUB_OFFLINE or "
+                                       "ZOO_OFFLINE is set\\): unset it") as refused:
+        hub.resolve("hf://acme/never-downloaded")
+    assert "zoo download" not in str(refused.value)  # it would fail the same way offline
+    hub.set_offline(None)  # online, but the server is gone
+    with pytest.raises(HubError, match="not in the local cache and the Hub cannot be reached from here"):
         hub.resolve("hf://acme/never-downloaded")
     hf.start = lambda: None  # the fixture's stop() must not fail on a stopped server
     hf.stop = lambda: None

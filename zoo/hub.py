@@ -174,8 +174,12 @@ def _hf_error(e: Exception, h: Handle) -> HubError:
     if isinstance(e, hf.RemoteEntryNotFoundError):
         return HubError(f"{where}: a file the model needs is missing from the repository: {e}")
     if isinstance(e, (hf.LocalEntryNotFoundError, hf.OfflineModeIsEnabled)):
-        return HubError(f"{where} is not in the local cache and downloads are off (offline mode, or the Hub "
-                        "cannot be reached); run once online, or `zoo download` it first")
+        if _hf_offline():  # `zoo download` would fail the same way: say what will work
+            return HubError(f"{where} is not in the local cache and downloads are off (HF_HUB_OFFLINE or "
+                            "ZOO_OFFLINE is set): unset it on a connected machine to download it, or load a "
+                            "local copy of the model's folder by its path")
+        return HubError(f"{where} is not in the local cache and the Hub cannot be reached from here: connect "
+                        "and try again, or load a local copy of the model's folder by its path")
     return HubError(f"{where}: download failed: {type(e).__name__}: {e}")
 
 
