@@ -1,7 +1,6 @@
 """Broken checkpoints, tensors that do not fit, bad configs and folders: each a typed error naming what is wrong."""
 
 import json
-import shutil
 import struct
 
 import numpy as np
@@ -20,21 +19,7 @@ from zoo.errors import (
     UnknownArchitectureError,
     ZooError,
 )
-from vit_reference import save_hf_vit
-
-CONFIG = dict(hidden_size=24, num_hidden_layers=2, num_attention_heads=2, intermediate_size=40,
-              image_size=16, patch_size=8, num_labels=3)
-
-
-@pytest.fixture(scope="module")
-def source(tmp_path_factory):
-    return save_hf_vit(tmp_path_factory.mktemp("ckpt") / "vit", seed=7, **CONFIG)
-
-
-@pytest.fixture
-def folder(source, tmp_path):
-    """A fresh copy of the tiny checkpoint, free to damage."""
-    return shutil.copytree(source, tmp_path / "copy")
+from test_checkpoint import CONFIG, folder, source  # noqa: F401  (the tiny checkpoint and its fixtures)
 
 
 def _rewrite(folder, change):
