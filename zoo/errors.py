@@ -69,3 +69,7 @@ class BackendError(ZooError, RuntimeError):
 
 class GenerationError(ZooError, ValueError):
     """A generation request is malformed: empty prompt, prompt too long, bad limits, unknown sampler."""
+
+
+class DataError(ZooError, ValueError):
+    """Training data that cannot be used: a malformed line, missing fields, unknown roles, too few examples."""

@@ -27,8 +27,8 @@ from zoo.errors import GatedModelError, HandleError, HubError, PresetNotFoundErr
 MODEL_FILES = (
     "config.json", "*.safetensors", "model.safetensors.index.json", "generation_config.json",
     "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-    "chat_template.jinja", "preprocessor_config.json",
-)
+    "chat_template.jinja", "preprocessor_config.json", "adapter_config.json", "finetune.json",
+)  # (*.safetensors and adapter_config.json: a PEFT adapter folder is a preset too, over its base model)
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # a PEFT adapter folder
 # Kaggle's model frameworks; keras-zoo reads the Hugging Face layout, which Kaggle files under "transformers".
 KAGGLE_FRAMEWORKS = {

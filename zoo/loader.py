@@ -8,6 +8,7 @@ in (`key_map.load`). The model class gives the hooks (`zoo.models.base.PresetMod
 
 import contextlib
 import gc
+import inspect
 import math
 import os
 from pathlib import Path
@@ -22,8 +23,11 @@ from zoo.host import WEIGHT_DTYPES, host_dtype
 from zoo.key_map import load, plan, weights_by_path
 from zoo.layers.init import skip_init
 from zoo.safetensors_file import DTYPE_SIZES
+from zoo.tokenizer import TOKENIZER_FILES, Tokenizer
 
 CONFIG_FILE = "config.json"
+ADAPTER_CONFIG = "adapter_config.json"
+FINETUNE_FILE = "finetune.json"  # what `zoo.finetune` records beside an adapter: its base as given, the labels
 READ_AHEAD_BYTES = 64 * 1024**2
 
 
@@ -34,9 +38,34 @@ def read_config(folder: Path) -> dict:
     return read_json(path)
 
 
-def detect(folder: Path) -> registry.Format:
-    """The family, layout and default task of the model in `folder`."""
+def detect(folder: Path, base: str | None = None) -> registry.Format:
+    """The family, layout and default task of the model in `folder` (an adapter folder: of its base)."""
+    if is_adapter(folder):
+        return detect(hub.resolve(adapter_base(folder, base)[0]))
     return registry.detect(read_config(folder), folder / CONFIG_FILE)
+
+
+def is_adapter(folder: Path) -> bool:
+    """A PEFT adapter folder (adapter_config.json, no config.json): a preset over its base model."""
+    return (folder / ADAPTER_CONFIG).is_file() and not (folder / CONFIG_FILE).is_file()
+
+
+def adapter_base(folder: Path, base: str | None = None) -> tuple[str, dict]:
+    """The base an adapter folder applies to, and the options to load it with (a fine-tune's new labels).
+
+    `base` if given, else the one `zoo.finetune` recorded (the preset as the user named it), else PEFT's
+    `base_model_name_or_path` (a Hub repository is read as hf://)."""
+    record = read_json(folder / FINETUNE_FILE) if (folder / FINETUNE_FILE).is_file() else {}
+    options = {"labels": record["labels"]} if record.get("labels") else {}
+    base = base or record.get("base")
+    if not base:
+        base = read_json(folder / ADAPTER_CONFIG).get("base_model_name_or_path")
+        if isinstance(base, str) and base.count("/") == 1 and not Path(base).exists():
+            base = "hf://" + base
+    if not isinstance(base, str) or not base:
+        raise PresetNotFoundError(f"{folder.name}: an adapter folder that does not name its base model "
+                                  f"(base_model_name_or_path in {ADAPTER_CONFIG}); give the base with --base")
+    return base, options
 
 
 def check_dtype(dtype) -> None:
@@ -80,6 +109,9 @@ def from_preset(cls, preset: str | os.PathLike, dtype: str | None = None, allow_
     if dtype is not None:
         check_dtype(dtype)
     folder = hub.resolve(preset)
+    if is_adapter(folder):
+        return _with_adapter(cls, preset, folder, dtype=dtype, allow_nonfinite=allow_nonfinite, **kwargs)
+    kwargs.pop("base", None)
     raw = read_config(folder)
     fmt = registry.detect(raw, folder / CONFIG_FILE)
     if fmt.family != cls.family:
@@ -109,4 +141,22 @@ def from_preset(cls, preset: str | os.PathLike, dtype: str | None = None, allow_
         checkpoint.stop_prefetch()
     model._after_load()
     model.source = hub.describe(preset, folder)
+    return model
+
+
+def _with_adapter(cls, preset, folder: Path, base: str | None = None, **kwargs):
+    """The base model with the adapter in `folder` loaded (and its tokenizer files, if it has them: a chat
+    template, say), as `PeftModel.from_pretrained` does over its base."""
+    base, options = adapter_base(folder, base)
+    if Path(base).expanduser().resolve() == folder.resolve():
+        raise PresetNotFoundError(f"{folder.name}: the adapter names itself as its base model")
+    for key, value in options.items():
+        kwargs.setdefault(key, value)
+    if "labels" in kwargs and "labels" not in inspect.signature(cls._from_folder).parameters:
+        del kwargs["labels"]
+    model = from_preset(cls, base, **kwargs)
+    model.load_adapter(folder)
+    if getattr(model, "tokenizer", None) is not None and any((folder / f).is_file() for f in TOKENIZER_FILES):
+        model.tokenizer = Tokenizer.from_folder(folder)
+    model.source = hub.describe(preset, folder) | {"base": model.source}
     return model

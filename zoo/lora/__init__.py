@@ -383,6 +383,7 @@ def _numpy(variable) -> np.ndarray:
 def _base_model(model) -> tuple[str | None, str | None]:
     """base_model_name_or_path and revision: the Hub repository the model came from, where known."""
     source = getattr(model, "source", None) or {}
+    source = source.get("base", source)  # a model loaded from an adapter folder: the base under it
     handle = source.get("handle")
     if isinstance(handle, str) and "://" not in handle and not Path(handle).exists():
         with contextlib.suppress(Exception):  # a preset name: its card's Hugging Face source

@@ -64,8 +64,22 @@ class GemmaBackbone(PresetModel):
 
     # ------------------------------------------------------------------ the three entry points
 
-    def call(self, token_ids, padding_mask=None):
+    def call(self, token_ids, padding_mask=None, segment_ids=None):
+        """`segment_ids` (b, t) number the examples packed into a row (1, 2, ...; 0 is padding): each attends
+        within itself and counts its positions from 0, as if alone. A dict of these inputs works too (`fit`)."""
+        if isinstance(token_ids, dict):
+            return self.call(**token_ids)
         token_ids = ops.convert_to_tensor(token_ids, "int32")
+        if segment_ids is not None:
+            segment_ids = ops.convert_to_tensor(segment_ids, "int32")
+            t = ops.shape(token_ids)[1]
+            earlier = ops.arange(t)[None, :] <= ops.arange(t)[:, None]  # (t, s)
+            same = ops.logical_and(segment_ids[:, :, None] == segment_ids[:, None, :], earlier)  # (b, t, s)
+            positions = ops.sum(ops.cast(same, "int32"), axis=-1) - 1  # (b, t): earlier tokens of its example
+            key_valid = ops.logical_and(same, (segment_ids > 0)[:, None, :])  # (b, t, s)
+            masks = self._masks(positions[:, :, None], positions[:, None, :], key_valid)
+            x, _ = self._run_layers(self._embed(token_ids), positions, masks)
+            return x
         if padding_mask is None:
             valid = ops.ones_like(token_ids, dtype="bool")
         else:
@@ -192,8 +206,11 @@ class GemmaCausalLM(PresetModel):
         self.stop_token_ids = frozenset(stop_token_ids if stop_token_ids is not None else config.eos_token_id)
         self.built = True
 
-    def call(self, token_ids, padding_mask=None):
-        return self.logits(self.backbone(token_ids, padding_mask))
+    def call(self, token_ids, padding_mask=None, segment_ids=None):
+        """Token ids (b, t) -> logits (b, t, vocab); the inputs as `GemmaBackbone.call`'s (a dict of them too)."""
+        if isinstance(token_ids, dict):
+            return self.call(**token_ids)
+        return self.logits(self.backbone(token_ids, padding_mask, segment_ids))
 
     def logits(self, hidden):
         """Hidden states (..., d) -> logits (..., vocab), soft-capped if the config says so."""
