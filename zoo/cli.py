@@ -273,6 +273,11 @@ def _finetune(args) -> int:
     from zoo.finetune import Options, read_config_file
 
     values = read_config_file(args.config) if args.config else {}
+    known = Options.fields() | {"preset", "data", "output", "lr", "val_split"} | {
+        flag[2:].replace("-", "_") for flag, _, _ in _FINETUNE_FLAGS}
+    if set(values) - known:
+        raise zoo.errors.ConfigError(f"{Path(args.config).name}: unknown fine-tuning option(s) "
+                                     f"{sorted(set(values) - known)}; expected some of {sorted(known)}")
     values.update({k: v for k, v in vars(args).items() if v is not None})  # the flags win
     values = {{"lr": "learning_rate", "val_split": "validation_split"}.get(k, k): v for k, v in values.items()}
     for needed in ("preset", "data", "output"):
@@ -302,7 +307,8 @@ def _finetune(args) -> int:
         folder = hub.resolve(values["preset"])
         same = not loader.is_adapter(folder) and tuple(loader.detect(folder).read_config(
             loader.read_config(folder)).labels) == data.labels  # else a new head for the folder's labels
-        model = zoo.ViTImageClassifier.from_preset(folder, dtype=dtype, **({} if same else {"labels": data.labels}))
+        model = zoo.ViTImageClassifier.from_preset(values["preset"], dtype=dtype,
+                                                   **({} if same else {"labels": data.labels}))
         summary = zoo.finetune.images(model, data, **common)
     print("\n".join(summary.lines()))
     print(f"wrote {values['output']}")

@@ -274,12 +274,14 @@ def _restore(model, optimizer, output: Path | None, options: Options, summary: S
 
 
 def _assign(path: Path, variables) -> None:
+    """Values in the order they were saved (the names Keras makes unique per process may differ), shapes checked."""
     header = read_header(path)
-    expected = [f"{i:05d}/{v.path}" for i, v in enumerate(variables)]
-    if sorted(header) != sorted(expected):
+    names = sorted(header)
+    shapes = [tuple(header[n][0]) for n in names]
+    if shapes != [tuple(v.shape) for v in variables]:
         raise ConfigError(f"resume: {path.parent.name}/{path.name} holds other weights than this model trains "
-                          f"({len(header)} saved, {len(expected)} now)")
+                          f"({len(names)} saved, {len(variables)} now, or of other shapes)")
     with open(path, "rb") as f:
-        for name, variable in zip(expected, variables):
+        for name, variable in zip(names, variables):
             shape, dtype, offset = header[name]
             variable.assign(read_tensor(f, TensorInfo(name, path, shape, dtype, offset)))
