@@ -6,8 +6,8 @@ the cards it reads (DESIGN.md's `zoo/presets.py` would shadow the package of the
 A card is data: name, task class, description, parameter count, license, whether the
 upstream repo is gated, the handles it can be downloaded from (Hugging Face first), optional
 pinned revisions per handle, the architecture's config.json (so the parameter count can be
-checked without downloading anything), and, for presets shipped inside the package, the
-bundled folder's name.
+checked without downloading anything), for presets shipped inside the package the bundled
+folder's name, and for a LoRA adapter preset the preset it applies to (`base`).
 """
 
 import difflib
@@ -35,6 +35,7 @@ class PresetCard:
     bundled: str | None = None
     revisions: dict = field(default_factory=dict, compare=False)  # source handle -> pinned revision
     config: dict = field(default_factory=dict, compare=False)  # architecture config.json, when given
+    base: str | None = None  # a LoRA adapter preset: the preset it applies to (its params and config are the base's)
 
     def __repr__(self) -> str:  # one line: the dataclass' own repr prints the whole config dict
         where = "bundled" if self.bundled else (self.sources[0] if self.sources else "no source")
@@ -42,6 +43,8 @@ class PresetCard:
 
     def model_config(self):
         """The architecture config this card describes (from `config`, or the bundled folder's config.json)."""
+        if self.base:
+            return get(self.base).model_config()
         raw = self.config or (read_json(self.folder / "config.json") if self.folder else None)
         if not raw:
             raise ConfigError(f"preset {self.name!r}: the card has no [config] and no bundled folder")

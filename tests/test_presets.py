@@ -24,7 +24,7 @@ REQUIRED = {
 SCHEMA = {  # field: (type, required)
     "name": (str, True), "task": (str, True), "description": (str, True), "params": (int, True),
     "license": (str, True), "gated": (bool, False), "sources": (list, False), "revisions": (dict, False),
-    "bundled": (str, False), "config": (dict, False),
+    "bundled": (str, False), "config": (dict, False), "base": (str, False),
 }
 
 
@@ -41,8 +41,11 @@ def test_card_schema(path):
         hub.parse(source)  # a well-formed handle
     assert set(raw.get("revisions", {})) <= set(raw.get("sources", ()))
     assert raw.get("config") or raw.get("bundled"), "the architecture must be known to check params"
-    if raw.get("bundled"):
-        assert (presets.presets_dir() / raw["bundled"] / "config.json").is_file()
+    if raw.get("bundled"):  # a model folder, or an adapter folder over the card's base preset
+        kind = "adapter_config.json" if raw.get("base") else "config.json"
+        assert (presets.presets_dir() / raw["bundled"] / kind).is_file()
+    if raw.get("base"):
+        assert presets.get(raw["base"]).task == raw["task"]
 
 
 def test_catalogue_has_the_promised_presets():

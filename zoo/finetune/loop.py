@@ -187,15 +187,18 @@ def train(model, feed: Feed, options: Options, output: Path | None = None, resum
         throughput = _Throughput(f"{feed.unit}/s", feed.units(feed.rows) / steps_per_epoch)
         history = model.fit(**feed.fit_inputs(epoch, options.batch_size, options.seed), epochs=epoch + 1,
                             initial_epoch=epoch, shuffle=False, callbacks=[throughput, *callbacks, _Progress(options.epochs)], verbose=verbose)
-        summary.seconds += time.perf_counter() - began
+        seconds = time.perf_counter() - began
+        summary.seconds += seconds
         summary.steps += steps_per_epoch
         summary.units += feed.units(feed.rows)
-        record = {"epoch": epoch + 1, "loss": float(history.history["loss"][-1])}
+        record = {"epoch": epoch + 1, "loss": float(history.history["loss"][-1]), "seconds": round(seconds, 3),
+                  f"{feed.unit}_per_second": round(feed.units(feed.rows) / seconds, 1)}
         val = feed.eval_inputs("val", options.batch_size, None)
         if val is not None:
             record |= {f"val_{k}": float(v) for k, v in model.evaluate(**val, verbose=0, return_dict=True).items()}
             if not quiet:
-                print("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+                print("  ".join(f"{k} {v:.4f}" if k.endswith("loss") or k.endswith("accuracy") else f"{k} {v}"
+                                for k, v in record.items()))
         summary.history.append(record)
         summary.epochs = epoch + 1
         if output is not None:
