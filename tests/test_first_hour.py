@@ -96,3 +96,14 @@ def test_commands_print_nothing_but_their_own_lines_on_stderr(tmp_path, args):
                           text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stderr.splitlines() == [f"zoo: {backend} backend on cpu"], proc.stderr[-2000:]
+
+
+def test_every_subpackage_is_in_the_distribution():
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "zoo"
+    listed = set(tomllib.loads((root.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {"zoo." + ".".join(p.parent.relative_to(root).parts) for p in root.rglob("__init__.py")
+             if p.parent != root and "__pycache__" not in p.parts}
+    assert found <= listed, f"not packaged: {sorted(found - listed)}"
