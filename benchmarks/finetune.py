@@ -61,7 +61,8 @@ def make_data() -> Path:
         rows = []
         for p in files:
             text = p.read_text(encoding="utf-8", errors="replace")
-            rows.append({"prompt": text[:200], "completion": text[200:4000]})
+            cut = text.index("\n", 200) + 1  # a line boundary: the prompt's tokens are a prefix of the whole's
+            rows.append({"prompt": text[:cut], "completion": text[cut:4000]})
         (TEXT_FOLDER / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     if not IMAGES.exists():
         from PIL import Image
@@ -120,7 +121,7 @@ def trl_text() -> float:
     timer = _EpochTimer()
     with tempfile.TemporaryDirectory() as out:
         config = SFTConfig(output_dir=out, max_length=LENGTH, per_device_train_batch_size=BATCH, num_train_epochs=2,
-                           learning_rate=2e-4, lr_scheduler_type="cosine", warmup_ratio=0.05, weight_decay=0.01,
+                           learning_rate=2e-4, lr_scheduler_type="cosine", warmup_steps=0.05, weight_decay=0.01,
                            max_grad_norm=1.0, logging_strategy="no", save_strategy="no", report_to=[], use_cpu=True,
                            gradient_checkpointing=False, completion_only_loss=True, packing=False, seed=0,
                            dataloader_num_workers=0, disable_tqdm=True)
@@ -178,7 +179,7 @@ def hf_images() -> float:
     timer = _EpochTimer()
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(output_dir=out, per_device_train_batch_size=IMAGE_BATCH, num_train_epochs=2,
-                                 learning_rate=2e-4, lr_scheduler_type="cosine", warmup_ratio=0.05, weight_decay=0.01,
+                                 learning_rate=2e-4, lr_scheduler_type="cosine", warmup_steps=0.05, weight_decay=0.01,
                                  max_grad_norm=1.0, logging_strategy="no", save_strategy="no", report_to=[],
                                  use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, remove_unused_columns=False)
         Trainer(model=model, args=args, train_dataset=Folder(), callbacks=[timer.callback()]).train()

@@ -196,6 +196,11 @@ def test_cli_images_new_labels_adapter_loads_here_and_in_peft(tmp_path, capsys):
     assert cli.main(["classify", "--preset", str(out), "--top-k", "1", str(root / "dots" / "img0.png")]) == 0
     top = capsys.readouterr().out.splitlines()[1].split()[0]
     assert top in ("dots", "stripes")  # the new labels, not the digits
+    merged = tmp_path / "merged"
+    run_cli("images", "--preset", "vit_tiny_digits", "--data", root, "--output", merged, "--epochs", "1", "--merge")
+    config = json.loads((merged / "config.json").read_text())
+    assert config["id2label"] == {"0": "dots", "1": "stripes"}
+    assert ViTForImageClassification.from_pretrained(merged).config.id2label == {0: "dots", 1: "stripes"}
 
 
 def test_images_with_labels_other_than_the_models_are_refused(tmp_path):
@@ -204,3 +209,60 @@ def test_images_with_labels_other_than_the_models_are_refused(tmp_path):
     with pytest.raises(zoo.errors.DataError, match=r"the model's labels \['0', '1', .*are not the image folder's"):
         zoo.finetune.images(clf, root, verbose=0)
     assert keras.backend.backend() in {"jax", "torch", "tensorflow"}
+
+
+def test_adapter_folder_base_from_peft_config_or_given(base, data, tmp_path, capsys):
+    out = tmp_path / "adapter"
+    run_cli("text", "--preset", base, "--data", data / "train.jsonl", "--output", out, "--epochs", "1", *FAST)
+    peft_only = tmp_path / "peft_only"  # as PEFT writes it: no finetune.json, the base by its path
+    peft_only.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (peft_only / name).write_bytes((out / name).read_bytes())
+    config = json.loads((peft_only / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(base)
+    want = to_numpy(zoo.from_preset(out)(TOKENS))
+    np.testing.assert_allclose(to_numpy(zoo.from_preset(peft_only)(TOKENS)), want, atol=1e-6)
+    (peft_only / "adapter_config.json").write_text(json.dumps(config | {"base_model_name_or_path": None}))
+    with pytest.raises(zoo.errors.PresetNotFoundError, match="does not name its base model.*--base"):
+        zoo.from_preset(peft_only)
+    np.testing.assert_allclose(to_numpy(zoo.from_preset(peft_only, base=str(base))(TOKENS)), want, atol=1e-6)
+    assert cli.main(["generate", "x", "--preset", str(peft_only), "--base", str(base), "--max-new-tokens", "2"]) == 0
+    with pytest.raises(ConfigError, match="base= names the model under an adapter folder"):
+        zoo.GemmaCausalLM.from_preset(base, base=str(base))
+
+
+@pytest.mark.parametrize("kind", ["pydataset", "dataloader", "tf.data"])
+def test_own_datasets_feed_fit(base, data, kind):
+    lm = zoo.GemmaCausalLM.from_preset(base)
+    rows, _ = zoo.finetune.text_data(data / "train.jsonl", lm.tokenizer, max_length=24)
+    arrays = (rows.x["token_ids"], rows.y, rows.sample_weight)
+    if kind == "dataloader":
+        dataset = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*map(torch.from_numpy, arrays)),
+                                              batch_size=8)
+    elif kind == "tf.data":
+        import tensorflow as tf
+
+        dataset = tf.data.Dataset.from_tensor_slices(arrays).batch(8)
+    else:
+        class Batches(keras.utils.PyDataset):
+            def __len__(self):
+                return 4
+
+            def __getitem__(self, i):
+                return tuple(a[i * 8:(i + 1) * 8] for a in arrays)
+
+        dataset = Batches()
+    summary = zoo.finetune.text(lm, dataset, epochs=3, learning_rate=0.02, warmup_ratio=0.0, verbose=0)
+    losses = [h["loss"] for h in summary.history]
+    assert len(losses) == 3 and losses[-1] < losses[0] - 0.5 and summary.steps == 12
+
+
+def test_mixed_bfloat16_on_request(base, data, tmp_path):
+    out = tmp_path / "out"
+    run_cli("text", "--preset", base, "--data", data / "train.jsonl", "--output", out, "--epochs", "2",
+            "--precision", "mixed_bfloat16", *FAST)
+    record = json.loads((out / "finetune.json").read_text())["summary"]
+    assert record["history"][-1]["loss"] < record["history"][0]["loss"]
+    assert load_file(out / "adapter_model.safetensors")  # float32 adapter weights, as PEFT keeps them
+    lm = zoo.from_preset(out)
+    assert lm.dtype_policy.name == "float32" and np.isfinite(to_numpy(lm(TOKENS))).all()

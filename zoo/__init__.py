@@ -41,7 +41,7 @@ def from_preset(preset, **kwargs):
 
     models.register_all()
     folder = hub.resolve(preset)  # once: a hub handle is not resolved (or downloaded) a second time
-    model = loader.detect(folder).task.from_preset(folder, **kwargs)
+    model = loader.detect(folder, kwargs.get("base")).task.from_preset(folder, **kwargs)
     model.source = {**model.source, **hub.describe(preset, folder)}  # (an adapter's keeps its "base")
     return model
 

@@ -111,7 +111,9 @@ def from_preset(cls, preset: str | os.PathLike, dtype: str | None = None, allow_
     folder = hub.resolve(preset)
     if is_adapter(folder):
         return _with_adapter(cls, preset, folder, dtype=dtype, allow_nonfinite=allow_nonfinite, **kwargs)
-    kwargs.pop("base", None)
+    if kwargs.pop("base", None) is not None:
+        raise ConfigError(f"{hub.short_name(preset)}: base= names the model under an adapter folder, but this is a "
+                          "model folder (no adapter_config.json)")
     raw = read_config(folder)
     fmt = registry.detect(raw, folder / CONFIG_FILE)
     if fmt.family != cls.family:
