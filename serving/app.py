@@ -19,7 +19,6 @@ import logging
 import math
 import threading
 import time
-import uuid
 from dataclasses import dataclass
 
 from starlette.applications import Starlette
@@ -28,11 +27,11 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from zoo import backends, hub
-from zoo.errors import ConfigError, GenerationError, ImageError, ZooError
+from zoo.errors import ConfigError, ImageError, ZooError
 from zoo.models.fields import Fields
 from zoo.serving.metrics import CONTENT_TYPE_LATEST, Metrics
-from zoo.serving.protocol import (CHAT_FIELDS, COMPLETION_FIELDS, APIError, base64_images, chat_messages,
-                                  completion_prompt, decode_image, field, sampling, usage)
+from zoo.serving import completions
+from zoo.serving.protocol import APIError, base64_images, decode_image, field
 from zoo.serving.scheduler import ClassificationScheduler, GenerationScheduler, QueueFull
 
 log = logging.getLogger("zoo.serving")
@@ -235,58 +234,12 @@ class Server:
         return JSONResponse(self.model_card(name))
 
     async def completions(self, request: Request):
-        return await self._generate(request, chat=False)
+        return await completions.generate(self, request, chat=False)
 
     async def chat_completions(self, request: Request):
-        return await self._generate(request, chat=True)
+        return await completions.generate(self, request, chat=True)
 
-    async def _generate(self, request: Request, chat: bool):
-        body = await self.json_body(request)
-        name, scheduler = self.model(body, "generate")
-        limit = self.config.max_tokens or scheduler.length
-        params = sampling(body, CHAT_FIELDS if chat else COMPLETION_FIELDS, limit)
-        tokenizer = scheduler.lm.tokenizer
-        try:
-            if chat:  # the users' special tokens' strings stay text: no forged turn markers
-                prompt_ids = tokenizer.apply_chat_template(chat_messages(body), add_generation_prompt=True,
-                                                           tokenize=True, content_as_text=True)
-            else:
-                prompt_ids = completion_prompt(body, tokenizer)
-        except (GenerationError, ZooError) as e:
-            raise APIError(400, str(e), param="messages" if chat else "prompt") from None
-        total = len(prompt_ids) + params["max_tokens"]
-        if total > scheduler.length:
-            raise APIError(400, f"This model's maximum context length is {scheduler.length} tokens. However, you "
-                                f"requested {total} tokens ({len(prompt_ids)} in the prompt, {params['max_tokens']} "
-                                "for the completion). Please reduce the prompt or max_tokens.",
-                           param="messages" if chat else "prompt", code="context_length_exceeded")
-        try:
-            stop_ids = () if params["ignore_eos"] else scheduler.lm.stop_token_ids
-            ticket = scheduler.submit(prompt_ids, params["max_tokens"], params["sampler"], stop_ids, params["stop"])
-        except GenerationError as e:
-            raise APIError(400, str(e)) from None
-        self.metrics.prompt_tokens.labels(name).inc(len(prompt_ids))
-        meta = dict(id=("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex, created=int(time.time()), model=name,
-                    object="chat.completion" if chat else "text_completion")
-        if params["stream"]:
-            return StreamingResponse(self._stream(request, name, scheduler, ticket, meta, chat, params["include_usage"]),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        text, finish = "", None
-        try:
-            async for event in self._events(request, name, scheduler, ticket):
-                text += event.text
-                finish = event.request.finish_reason if event.finished else finish
-        except asyncio.TimeoutError:
-            raise APIError(504, f"the request took longer than {self.config.request_timeout_s}s", "server_error",
-                           code="timeout") from None
-        if finish == "cancelled":  # the client went away; nobody reads this
-            return Response(status_code=499)
-        totals = usage(ticket)
-        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
-                   "logprobs": None} if chat else {"index": 0, "text": text, "finish_reason": finish, "logprobs": None})
-        return JSONResponse({**meta, "choices": [choice], "usage": totals})
-
-    async def _events(self, request: Request, name: str, scheduler: GenerationScheduler, ticket, streaming=False):
+    async def events(self, request: Request, name: str, scheduler: GenerationScheduler, ticket, streaming=False):
         """The ticket's events; cancels the request if the client disconnects or the deadline passes.
 
         A streaming response learns of a disconnect when its next chunk cannot be sent (one decode step);
@@ -319,43 +272,6 @@ class Server:
         finally:
             if not ticket.request.finished:
                 scheduler.cancel(ticket)
-
-    async def _stream(self, request, name, scheduler, ticket, meta, chat: bool, include_usage: bool):
-        obj = "chat.completion.chunk" if chat else "text_completion"
-        started = ticket.submitted
-
-        def chunk(text: str | None, finish: str | None, role: bool = False) -> str:
-            if chat:
-                delta = ({"role": "assistant", "content": ""} if role else {} if text is None else {"content": text})
-                choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
-            else:
-                choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
-            return "data: " + json.dumps({**meta, "object": obj, "choices": [choice]}) + "\n\n"
-
-        try:
-            if chat:
-                yield chunk(None, None, role=True)
-            async for event in self._events(request, name, scheduler, ticket, streaming=True):
-                if event.finished:
-                    reason = event.request.finish_reason
-                    if reason == "cancelled":
-                        return
-                    if event.text:
-                        yield chunk(event.text, None)
-                    yield chunk(None, reason)
-                elif event.text:
-                    yield chunk(event.text, None)
-            if include_usage:
-                yield "data: " + json.dumps({**meta, "object": obj, "choices": [], "usage": usage(ticket)}) + "\n\n"
-            yield "data: [DONE]\n\n"
-        except asyncio.TimeoutError:
-            error = {"message": f"the request took longer than {self.config.request_timeout_s}s", "type": "server_error",
-                     "param": None, "code": "timeout"}
-            yield "data: " + json.dumps({"error": error}) + "\n\n"
-            yield "data: [DONE]\n\n"
-        finally:
-            self.metrics.latency.labels("/v1/chat/completions" if chat else "/v1/completions").observe(
-                time.perf_counter() - started)
 
     async def classify(self, request: Request):
         content_type = request.headers.get("content-type", "")

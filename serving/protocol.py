@@ -37,14 +37,16 @@ def field(body: dict, name: str, kinds, default=None, required=False, check=None
     return value
 
 
-# top_k and ignore_eos are vLLM's extensions to OpenAI's parameters.
+# top_k, ignore_eos and return_tokens_as_token_ids are vLLM's extensions to OpenAI's parameters.
 COMMON_FIELDS = {"model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "stop", "seed", "n",
-                 "stream", "stream_options", "user", "logprobs", "presence_penalty", "frequency_penalty", "ignore_eos"}
+                 "stream", "stream_options", "user", "logprobs", "presence_penalty", "frequency_penalty", "ignore_eos",
+                 "return_tokens_as_token_ids"}
 COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "echo", "best_of", "suffix"}
 CHAT_FIELDS = COMMON_FIELDS | {"messages", "top_logprobs", "response_format", "tools", "tool_choice"}
 
 
-PROMPT_FORMS = "a string, a list of token ids, or a list holding one of those (one prompt per request)"
+PROMPT_FORMS = "a string, a list of token ids, or a list of strings or of token-id lists"
+MAX_PROMPTS, MAX_N, MAX_LOGPROBS = 64, 16, 20
 
 
 def text(value: str, where: str) -> str:
@@ -81,20 +83,28 @@ def chat_messages(body: dict) -> list[dict]:
     return out
 
 
-def completion_prompt(body: dict, tokenizer) -> list[int]:
-    """The token ids of OpenAI's `prompt`: text (BOS added as the tokenizer says, special tokens' strings read as
-    text), or token ids taken as they are (as OpenAI and vLLM do; the engine refuses ids outside the vocabulary)."""
+def completion_prompts(body: dict, tokenizer) -> list[tuple[list[int], str | None]]:
+    """OpenAI's `prompt` as (token ids, the text as sent) per prompt: text (BOS added as the tokenizer says, special
+    tokens' strings read as text), or token ids taken as they are (as OpenAI and vLLM do; the engine refuses ids
+    outside the vocabulary). A list of strings or of id lists is several prompts."""
     prompt = field(body, "prompt", (str, list), required=True, message=PROMPT_FORMS)
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]  # the batch form, with one prompt
-    if not prompt:
-        raise APIError(400, "'prompt' is empty", param="prompt")
-    if isinstance(prompt, str):  # a special token's string in the text stays text (no injected turns)
-        return tokenizer.encode(text(prompt, "prompt"), parse_special=False)
-    if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        raise APIError(400, f"'prompt' must be {PROMPT_FORMS}, got {body['prompt']!r:.200}", param="prompt",
-                       code="invalid_type")
-    return list(prompt)
+    several = isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt)
+    prompts = prompt if several else [prompt]
+    if len(prompts) > MAX_PROMPTS:
+        raise APIError(400, f"'prompt' holds {len(prompts)} prompts; at most {MAX_PROMPTS} per request", param="prompt")
+    out = []
+    for i, one in enumerate(prompts):
+        where = f"prompt[{i}]" if several else "prompt"
+        if not one:
+            raise APIError(400, f"'{where}' is empty", param="prompt")
+        if isinstance(one, str):  # a special token's string in the text stays text (no injected turns)
+            out.append((tokenizer.encode(text(one, where), parse_special=False), one))
+        elif all(isinstance(t, int) and not isinstance(t, bool) for t in one):
+            out.append((list(one), None))
+        else:
+            raise APIError(400, f"'prompt' must be {PROMPT_FORMS}, got {body['prompt']!r:.200}", param="prompt",
+                           code="invalid_type")
+    return out
 
 
 def sampling(body: dict, allowed: set[str], limit: int) -> dict:
@@ -102,16 +112,34 @@ def sampling(body: dict, allowed: set[str], limit: int) -> dict:
     if unknown:
         raise APIError(400, f"Unrecognized request argument supplied: {', '.join(unknown)}", param=unknown[0],
                        code="unknown_parameter")
-    for name, neutral in (("logprobs", (None, False, 0)), ("echo", (None, False)), ("presence_penalty", (None, 0, 0.0)),
-                          ("frequency_penalty", (None, 0, 0.0)), ("best_of", (None, 1)), ("suffix", (None, "")),
-                          ("tools", (None, [])), ("top_logprobs", (None, 0))):
+    for name, neutral in (("presence_penalty", (None, 0, 0.0)), ("frequency_penalty", (None, 0, 0.0)),
+                          ("suffix", (None, "")), ("tools", (None, []))):
         if body.get(name) not in neutral:
             raise APIError(400, f"'{name}' is not supported by this server", param=name, code="unsupported_parameter")
     if body.get("response_format") not in (None, {"type": "text"}):
         raise APIError(400, "only response_format {'type': 'text'} is supported", param="response_format")
-    n = field(body, "n", int, 1, check=lambda v: v == 1, message="1 (one choice per request)")
-    max_tokens = field(body, "max_completion_tokens", int, None, check=lambda v: v > 0, message="a positive integer")
-    max_tokens = field(body, "max_tokens", int, max_tokens or 16, check=lambda v: v > 0, message="a positive integer")
+    n = field(body, "n", int, 1, check=lambda v: 1 <= v <= MAX_N, message=f"an integer from 1 to {MAX_N}")
+    if body.get("best_of") not in (None, n):
+        raise APIError(400, "'best_of' is not supported by this server (only best_of == n)", param="best_of",
+                       code="unsupported_parameter")
+    chat = "messages" in allowed
+    if chat:  # the chat shape: logprobs a boolean, top_logprobs the alternatives
+        wanted = field(body, "logprobs", bool, False, message="a boolean")
+        top = field(body, "top_logprobs", int, None, check=lambda v: 0 <= v <= MAX_LOGPROBS,
+                    message=f"an integer from 0 to {MAX_LOGPROBS}")
+        if top is not None and not wanted:
+            raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+        logprobs, echo = (top or 0) if wanted else None, False
+    else:  # the legacy shape: logprobs the number of alternatives
+        logprobs = field(body, "logprobs", int, None, check=lambda v: 0 <= v <= MAX_LOGPROBS,
+                         message=f"an integer from 0 to {MAX_LOGPROBS}")
+        echo = field(body, "echo", bool, False, message="a boolean")
+    least = 0 if echo else 1  # max_tokens 0 with echo scores the prompt only, as vLLM allows
+    max_tokens = field(body, "max_completion_tokens", int, None, check=lambda v: v >= least, message="a positive integer")
+    if max_tokens is None:
+        max_tokens = 16
+    max_tokens = field(body, "max_tokens", int, max_tokens, check=lambda v: v >= least,
+                       message="a positive integer (0 only with echo)")
     if max_tokens > limit:
         raise APIError(400, f"'max_tokens' is {max_tokens}; this server allows at most {limit}", param="max_tokens")
     temperature = field(body, "temperature", (int, float), 1.0, check=lambda v: 0 <= v <= 2, message="in [0, 2]")
@@ -126,10 +154,11 @@ def sampling(body: dict, allowed: set[str], limit: int) -> dict:
     stream = field(body, "stream", bool, False, message="a boolean")
     ignore_eos = field(body, "ignore_eos", bool, False, message="a boolean")
     options = field(body, "stream_options", dict, {}, message="an object")
-    del n
     return dict(max_tokens=max_tokens, sampler=Sampler(temperature=float(temperature), top_p=float(top_p),
                                                       top_k=max(top_k, 0), seed=seed),
-                stop=stop or [], stream=stream, include_usage=bool(options.get("include_usage")), ignore_eos=ignore_eos)
+                stop=stop or [], stream=stream, include_usage=bool(options.get("include_usage")), ignore_eos=ignore_eos,
+                n=n, logprobs=logprobs, echo=echo,
+                token_ids=field(body, "return_tokens_as_token_ids", bool, False, message="a boolean"))
 
 
 def base64_images(body: dict) -> list[bytes]:
@@ -169,6 +198,7 @@ def decode_image(blob: bytes, index: int, max_pixels: int):
         raise APIError(400, f"images[{index}] cannot be decoded: {type(e).__name__}", param="images") from None
 
 
-def usage(ticket) -> dict:
-    prompt, completion = len(ticket.request.prompt_ids), len(ticket.request.tokens)
+def usage(prompts: list, tickets) -> dict:
+    """Token counts of a response: each prompt once (its n choices share it), every choice's completion."""
+    prompt, completion = sum(len(p) for p in prompts), sum(len(t.request.tokens) for t in tickets)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}

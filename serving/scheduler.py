@@ -77,11 +77,15 @@ class GenerationScheduler(_Worker):
         (runs before any request is admitted: /v1 routes answer 503 until then)."""
         self.engine.warm_up()
 
-    def submit(self, prompt_ids, max_new_tokens, sampler, stop_ids, stop) -> Ticket:
-        """Queues a request (raises QueueFull at the bound); events arrive on the ticket's queue."""
-        if len(self.engine.waiting) >= self.max_queue:
+    def check_room(self, count: int) -> None:
+        """Raises QueueFull unless `count` more requests fit in the queue (one HTTP request's choices, all or none)."""
+        if len(self.engine.waiting) + count > self.max_queue:
             raise QueueFull(f"the queue holds {self.max_queue} waiting requests")
-        request = self.engine.submit(prompt_ids, max_new_tokens, sampler, stop_ids, stop)
+
+    def submit(self, prompt_ids, max_new_tokens, sampler, stop_ids, stop, logprobs=None, prompt_logprobs=None) -> Ticket:
+        """Queues a request (raises QueueFull at the bound); events arrive on the ticket's queue."""
+        self.check_room(1)
+        request = self.engine.submit(prompt_ids, max_new_tokens, sampler, stop_ids, stop, logprobs, prompt_logprobs)
         ticket = Ticket(request, asyncio.Queue(), asyncio.get_running_loop())
         self._tickets[request.id] = ticket
         with self._wake:

@@ -20,7 +20,7 @@ import numpy as np
 from keras import ops
 
 from zoo.errors import GenerationError
-from zoo.generation import steps
+from zoo.generation import samplers, steps
 from zoo.generation.samplers import Sampler
 from zoo.generation.text import TextStream
 
@@ -54,6 +54,10 @@ class Request:
     first_token_at: float | None = None
     slot: int | None = None
     cancelled: bool = False
+    logprobs: int | None = None  # per new token: its log-probability and this many alternatives (None: off)
+    prompt_logprobs: int | None = None  # the same for each prompt token after the first (None: off)
+    token_scores: list = field(default_factory=list)  # per new token: (log-probability, [(id, logprob), ...])
+    prompt_scores: list = field(default_factory=list)  # per prompt token after the first, likewise
 
     @property
     def finished(self) -> bool:
@@ -65,9 +69,17 @@ class Request:
         return len(self.prompt_ids) + len(self.tokens) - 1
 
 
-def make_request(model, prompt_ids, max_new_tokens, sampler: Sampler | None = None, stop_ids=(), stop=()) -> Request:
-    """A request for `model`, every argument checked here, once: a GenerationError says what is wrong."""
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens <= 0:
+def make_request(model, prompt_ids, max_new_tokens, sampler: Sampler | None = None, stop_ids=(), stop=(),
+                 logprobs: int | None = None, prompt_logprobs: int | None = None) -> Request:
+    """A request for `model`, every argument checked here, once: a GenerationError says what is wrong.
+
+    `logprobs` and `prompt_logprobs` (ints >= 0) ask for log-probabilities of the new tokens and of the
+    prompt's (with that many alternatives each); scoring the prompt alone is `max_new_tokens=0`."""
+    for name, value in (("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise GenerationError(f"{name} must be an int >= 0 or None, got {value!r}")
+    least = 0 if prompt_logprobs is not None else 1
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < least:
         raise GenerationError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     prompt_ids = [int(i) for i in prompt_ids]
     if not prompt_ids:
@@ -78,7 +90,8 @@ def make_request(model, prompt_ids, max_new_tokens, sampler: Sampler | None = No
         raise GenerationError(f"the prompt holds token ids outside the model's vocabulary of {vocab}: {outside[:5]}")
     if len(prompt_ids) >= limit:
         raise GenerationError(f"the prompt has {len(prompt_ids)} tokens; the model's maximum is {limit} positions")
-    request = Request(prompt_ids, max_new_tokens, sampler or Sampler(), frozenset(stop_ids), tuple(stop))
+    request = Request(prompt_ids, max_new_tokens, sampler or Sampler(), frozenset(stop_ids), tuple(stop),
+                      logprobs=logprobs, prompt_logprobs=prompt_logprobs)
     if request.stop and model.tokenizer is None:
         raise GenerationError("stop strings need a tokenizer; this model has none (use stop token ids)")
     return request
@@ -126,9 +139,11 @@ class GenerationEngine:
 
     # ------------------------------------------------------------------ requests
 
-    def submit(self, prompt_ids, max_new_tokens: int, sampler: Sampler | None = None, stop_ids=(), stop=()) -> Request:
+    def submit(self, prompt_ids, max_new_tokens: int, sampler: Sampler | None = None, stop_ids=(), stop=(),
+               logprobs: int | None = None, prompt_logprobs: int | None = None) -> Request:
         """Queues a request (checked by `make_request`); it joins the batch at the next step with a free slot."""
-        return self.enqueue(make_request(self.model, prompt_ids, max_new_tokens, sampler, stop_ids, stop))
+        return self.enqueue(make_request(self.model, prompt_ids, max_new_tokens, sampler, stop_ids, stop, logprobs,
+                                         prompt_logprobs))
 
     def enqueue(self, request: Request) -> Request:
         """Queues a request made by `make_request`."""
@@ -219,6 +234,16 @@ class GenerationEngine:
         return events
 
     def _admit(self) -> list[Event]:
+        events = []
+        with self._lock:  # prompts to score only: no slot, no prefill
+            scored = [r for r in self.waiting if r.max_new_tokens == 0]
+            for r in scored:
+                self.waiting.remove(r)
+        for r in scored:
+            self._score_prompt(r)
+            r.finish_reason = "length"
+            self._streams.pop(r.id, None)
+            events.append(Event(r, None, "", True))
         free = [i for i, r in enumerate(self.slots) if r is None]
         admitted = []
         with self._lock:
@@ -227,9 +252,10 @@ class GenerationEngine:
                 r.slot = free.pop(0)
                 self.slots[r.slot] = r
                 admitted.append(r)
-        events = []
         by_bucket = collections.defaultdict(list)
         for r in admitted:
+            if r.prompt_logprobs is not None:
+                self._score_prompt(r)
             by_bucket[bucket(len(r.prompt_ids), self.length)].append(r)
         for width, group in sorted(by_bucket.items()):
             batch = bucket(len(group), self.rows) if len(group) > 1 else 1
@@ -244,10 +270,20 @@ class GenerationEngine:
             events += [self._accept(r, logits[row]) for row, r in enumerate(group)]
         return events
 
+    def _score_prompt(self, r: Request) -> None:
+        """Log-probabilities of the prompt's tokens (after the first) under the model: one forward pass."""
+        logits = ops.convert_to_numpy(self.model(np.asarray([r.prompt_ids], np.int32)))[0, :-1]  # (p - 1, vocab)
+        scores = samplers.log_probs(logits, r.sampler.temperature)
+        r.prompt_scores = [(float(lp[t]), samplers.top_log_probs(lp, r.prompt_logprobs))
+                           for lp, t in zip(scores, r.prompt_ids[1:])]
+
     def _accept(self, r: Request, logits: np.ndarray) -> Event:
         """Samples the request's next token and applies the stop rules."""
         stream, rng = self._streams[r.id]
         token = r.sampler.choose(logits, rng)
+        if r.logprobs is not None:
+            scores = samplers.log_probs(logits, r.sampler.temperature)
+            r.token_scores.append((float(scores[token]), samplers.top_log_probs(scores, r.logprobs)))
         if r.first_token_at is None:
             r.first_token_at = time.perf_counter()
         r.tokens.append(token)

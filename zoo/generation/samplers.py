@@ -69,6 +69,23 @@ class Sampler:
         return int(order[min(index, len(order) - 1)])
 
 
+def log_probs(logits: np.ndarray, temperature: float = 0.0) -> np.ndarray:
+    """Log-softmax over the last axis of logits / temperature (of the logits themselves at temperature 0: the
+    model's own distribution, what greedy decoding picks from), in float64."""
+    scores = logits.astype(np.float64) / (temperature or 1.0)
+    top = scores.max(axis=-1, keepdims=True)
+    return scores - top - np.log(np.exp(scores - top).sum(axis=-1, keepdims=True))
+
+
+def top_log_probs(logprobs: np.ndarray, k: int) -> list[tuple[int, float]]:
+    """The k most likely (token id, log-probability) of one position's log-probabilities, most likely first."""
+    if k <= 0:
+        return []
+    ids = np.argpartition(-logprobs, k - 1)[:k] if k < logprobs.shape[-1] else np.arange(logprobs.shape[-1])
+    ids = ids[np.lexsort((ids, -logprobs[ids]))]  # by log-probability, then the lower id first
+    return [(int(i), float(logprobs[i])) for i in ids]
+
+
 def GreedySampler() -> Sampler:  # noqa: N802  (named like keras-hub's sampler classes)
     return Sampler()
 
