@@ -173,9 +173,8 @@ def hf_images() -> float:
 
     model = ViTForImageClassification.from_pretrained(VIT_FOLDER, num_labels=LABELS, ignore_mismatched_sizes=True,
                                                       attn_implementation="sdpa")
-    model = peft.get_peft_model(model, peft.LoraConfig(r=RANK, lora_alpha=RANK, target_modules=["query", "value"]
-                                                       if hasattr(model.vit.encoder.layer[0].attention, "attention")
-                                                       else ["q_proj", "v_proj"], modules_to_save=["classifier"]))
+    model = peft.get_peft_model(model, peft.LoraConfig(r=RANK, lora_alpha=RANK, target_modules=["q_proj", "v_proj"],
+                                                       modules_to_save=["classifier"]))  # transformers 5's names
     timer = _EpochTimer()
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(output_dir=out, per_device_train_batch_size=IMAGE_BATCH, num_train_epochs=2,
@@ -199,19 +198,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--backends", default=",".join(BACKENDS))
+    parser.add_argument("--tasks", default="text,images")
     parser.add_argument("--write", action="store_true", help="write the tables into RESULTS.md")
     args = parser.parse_args()
     if args.worker:
         return worker(args.worker)
     make_data()
-    backends = args.backends.split(",")
-    rows = {}
-    for kind in ("text", "images"):
-        for backend in backends:
-            rows[kind, backend] = run_worker(__file__, backend, [kind], timeout=3600)
-            print(kind, backend, rows[kind, backend], flush=True)
+    saved = FOLDER.with_name("finetune_results.json")  # rows of earlier runs (another --tasks) stay in the table
+    rows = json.loads(saved.read_text()) if saved.exists() else {}
+    for kind in args.tasks.split(","):
+        for backend in args.backends.split(","):
+            rows[f"{kind}/{backend}"] = run_worker(__file__, backend, [kind], timeout=3600)
+            print(kind, backend, rows[f"{kind}/{backend}"], flush=True)
+            saved.write_text(json.dumps(rows, indent=2))
     lines = ["| task | backend | keras-zoo | peer | ratio |", "|---|---|---|---|---|"]
-    for (kind, backend), r in rows.items():
+    for key, r in sorted(rows.items(), key=lambda kv: (kv[0].split("/")[0] != "text", kv[0])):
+        kind, backend = key.split("/")
         peer = r.get("trl", r.get("hf"))
         unit = "tokens/s" if kind == "text" else "images/s"
         name = "TRL SFTTrainer + PEFT" if kind == "text" else "transformers Trainer + PEFT"

@@ -2,8 +2,8 @@
 
 Routes: `GET /health`, `GET /metrics`, `GET /v1/models`, `POST /v1/completions`,
 `POST /v1/chat/completions` (both with `stream: true` as server-sent events ending in
-`data: [DONE]`), `POST /v1/classify` (JSON with base64 images, or a multipart upload). Every error
-is OpenAI's error JSON: `{"error": {"message", "type", "param", "code"}}`.
+`data: [DONE]`; `serving/completions.py`), `POST /v1/classify` (JSON with base64 images, or a
+multipart upload). Every error is OpenAI's error JSON: `{"error": {"message", "type", "param", "code"}}`.
 
 Example:
     >>> app = create_app(load_models(["gemma_tiny_pycode"]), ServerConfig())  # doctest: +SKIP
