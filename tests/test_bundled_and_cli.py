@@ -106,3 +106,12 @@ def test_console_script_runs():
                           capture_output=True, text=True, env=dict(os.environ), timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert SAMPLES[0].stem.split("_")[1] in proc.stdout
+
+
+def test_models_print_in_one_line():
+    clf = zoo.ViTImageClassifier.from_preset("vit_tiny_digits")
+    assert repr(clf) == "<ViTImageClassifier vit (hf), 139,978 parameters, float32, from vit_tiny_digits>"
+    chat = zoo.from_preset("gemma_tiny_pycode_chat")
+    assert repr(chat).startswith("<GemmaCausalLM gemma3_text, ") and "\n" not in repr(chat)
+    assert repr(chat).endswith("from gemma_tiny_pycode_chat, adapters ['default'] (active: default)>")
+    assert repr(chat.backbone).startswith("<GemmaBackbone gemma3_text, ")

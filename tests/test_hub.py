@@ -268,3 +268,31 @@ def test_parse():
 def test_short_names(preset, name):
     """What `zoo serve` calls a model: the same parse as loading, without a revision or version."""
     assert hub.short_name(preset) == name
+
+
+def test_kaggle_unreachable_is_one_line_naming_the_cause(monkeypatch):
+    import kagglehub
+    import requests
+
+    cause = ("HTTPSConnectionPool(host='www.kaggle.com', port=443): Max retries exceeded with url: /api/v1/models/"
+             "acme/tiny/transformers/tiny/get (Caused by NameResolutionError(\"<urllib3.connection.HTTPSConnection "
+             "object at 0x7f00>: Failed to resolve 'www.kaggle.com' ([Errno -3] Temporary failure in name resolution)\"))")
+
+    def unreachable(*args, **kwargs):
+        raise requests.ConnectionError(cause)
+
+    monkeypatch.setattr(kagglehub, "model_download", unreachable)
+    with pytest.raises(HubError) as caught:
+        hub.resolve("kaggle://acme/tiny/transformers/tiny")
+    message = str(caught.value)
+    assert message == ("kaggle://acme/tiny/transformers/tiny: Kaggle cannot be reached (Failed to resolve "
+                       "'www.kaggle.com'), and this version is not in the local cache; connect, or load a local folder "
+                       "by its path")
+    assert "\n" not in message and "0x7f00" not in message
+
+    def odd(*args, **kwargs):
+        raise RuntimeError("first line\n" + "x" * 500)
+
+    monkeypatch.setattr(kagglehub, "model_download", odd)
+    with pytest.raises(HubError, match=r"download failed: RuntimeError: first line$"):
+        hub.resolve("kaggle://acme/tiny/transformers/tiny")

@@ -225,7 +225,31 @@ def _kaggle_error(e: Exception, h: Handle) -> HubError:
             "and give Kaggle credentials (KAGGLE_USERNAME and KAGGLE_KEY, or ~/.kaggle/kaggle.json)")
     if status == 404:
         return HubError(f"{where}: not found on Kaggle (check the owner, model, framework, variation and version)")
-    return HubError(f"{where}: download failed: {type(e).__name__}: {e}")
+    if _is_connection_error(e):
+        return HubError(f"{where}: Kaggle cannot be reached ({_reason(e)}), and this version is not in the local "
+                        "cache; connect, or load a local folder by its path")
+    return HubError(f"{where}: download failed: {type(e).__name__}: {_reason(e)}")
+
+
+def _is_connection_error(e: Exception) -> bool:
+    import requests
+
+    return isinstance(e, (requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError))
+
+
+# The cause inside requests' and urllib3's long messages (a URL, a pool repr and the cause, nested).
+_CAUSES = re.compile(r"Failed to resolve '[^']+'|Name or service not known|Temporary failure in name resolution|"
+                     r"Connection refused|Network is unreachable|timed out|Connection reset by peer")
+
+
+def _reason(e: Exception) -> str:
+    """The cause of a download error in a few words, on one line."""
+    text = str(e)
+    found = _CAUSES.search(text)
+    if found:
+        return found.group(0)
+    line = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+    return line if len(line) <= 160 else line[:157] + "..."
 
 
 def _download_kaggle(h: Handle) -> tuple[Path, dict]:

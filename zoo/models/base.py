@@ -25,6 +25,17 @@ class PresetModel(keras.Model):
     family: str = ""
     traced_predict: bool = False  # the forward pass is one tensor in, one out: a backend may trace `predict`
 
+    def __repr__(self) -> str:
+        """One line: the class, architecture, size, dtype, where it came from and its adapters."""
+        kind = getattr(self.config, "model_type", None) or f"{self.family} ({self.config.source_format})"
+        source = (getattr(self, "source", None) or {}).get("handle")
+        parts = [f"{kind}", f"{self.count_params():,} parameters", self.dtype_policy.name]
+        if source:
+            parts.append(f"from {os.path.basename(str(source).rstrip('/')) or source}")
+        if self.adapters:
+            parts.append(f"adapters {self.adapters} (active: {self.active_adapter})")
+        return f"<{type(self).__name__} " + ", ".join(parts) + ">"
+
     def make_predict_function(self, force=False):
         """Keras' predict function (or the backend's faster one), made again when the set of weights has changed.
 
