@@ -81,8 +81,9 @@ def _submit(scheduler, prompts, params, tokenizer) -> list[Choice]:
                 sampler = params["sampler"]
                 if sampler.seed is not None and j:  # choice j of a seeded request: its own, reproducible draws
                     sampler = type(sampler)(**{**sampler.__dict__, "seed": sampler.seed + j})
+                scored = logprobs if echo and logprobs is not None else 0 if params["max_tokens"] == 0 else None
                 ticket = scheduler.submit(ids, params["max_tokens"], sampler, stop_ids, params["stop"], logprobs,
-                                          logprobs if echo and logprobs is not None else None)
+                                          scored)  # (max_tokens 0: the engine's prompt-only path)
                 prompt_text = (sent if sent is not None else tokenizer.decode(ids)) if echo else None
                 choices.append(Choice(i * n + j, ticket, prompt_text))
     except GenerationError as e:

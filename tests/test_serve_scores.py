@@ -79,6 +79,8 @@ def test_echo_scores_the_prompt_with_max_tokens_0(running, hf):
     np.testing.assert_allclose(scores["token_logprobs"][1:], [want[j][ids[j + 1]] for j in range(len(ids) - 1)],
                                atol=1e-4)
     assert out["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 0, "total_tokens": len(ids)}
+    plain = post(running, "/v1/completions", {"model": "tiny", "prompt": "for i", "max_tokens": 0, "echo": True})
+    assert plain["choices"][0]["text"] == "for i" and plain["choices"][0]["logprobs"] is None
 
 
 def test_chat_logprobs_shape(running, hf):

@@ -27,6 +27,8 @@ def _flags() -> list:
         ("--merge", "", dict(action="store_true", default=None, help="write a merged preset folder, not an adapter")),
         ("--seed", "", dict(type=int, help="seed of the data order, augmentation and adapter init (default 0)")),
         ("--precision", "", dict(choices=("float32", "mixed_bfloat16", "bfloat16"), help="dtype policy (default float32)")),
+        ("--jit-compile", "", dict(action="store_true", default=None,
+                                   help="compile the training step (PyTorch: torch.compile; slow to start, faster after)")),
         ("--resume", "", dict(action="store_true", default=None, help="go on from the last checkpoint in OUTPUT")),
         ("--overwrite", "", dict(action="store_true", default=None, help="write into an OUTPUT folder that is not empty")),
         ("--config", "", dict(metavar="FILE", help="a TOML or YAML file of these settings; flags override it")),

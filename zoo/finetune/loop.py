@@ -173,7 +173,7 @@ def train(model, feed: Feed, options: Options, output: Path | None = None, resum
     prepare(model, options)
     steps_per_epoch = feed.steps(options.batch_size)
     optimizer = optimizer_for(model, options, steps_per_epoch * options.epochs)
-    model.compile(optimizer=optimizer, loss=feed.loss(), metrics=feed.metrics())
+    model.compile(optimizer=optimizer, loss=feed.loss(), metrics=feed.metrics(), jit_compile=options.jit_compile)
     summary = feed.summary()
     summary.backend = backends.describe()["backend"]
     start = 0
