@@ -106,18 +106,19 @@ class Feed:
 
 
 class _Throughput(keras.callbacks.Callback):
-    """Adds units/s to the progress bar's line."""
+    """Adds units/s to the progress bar's line, and times the epoch's training (its validation left out)."""
 
     def __init__(self, key: str, per_batch: float):
         super().__init__()
-        self.key, self.per_batch = key, per_batch
+        self.key, self.per_batch, self.seconds = key, per_batch, 0.0
 
     def on_epoch_begin(self, epoch, logs=None):
         self.start = time.perf_counter()
 
     def on_train_batch_end(self, batch, logs=None):
+        self.seconds = max(time.perf_counter() - self.start, 1e-9)
         if logs is not None:
-            logs[self.key] = (batch + 1) * self.per_batch / max(time.perf_counter() - self.start, 1e-9)
+            logs[self.key] = (batch + 1) * self.per_batch / self.seconds
 
 
 class _Progress(keras.callbacks.ProgbarLogger):
@@ -181,30 +182,33 @@ def train(model, feed: Feed, options: Options, output: Path | None = None, resum
         start = _restore(model, optimizer, output, options, summary)
     else:
         summary.before = _evaluate(model, feed, options)
-    quiet = verbose == 0
     for epoch in range(start, options.epochs):
-        began = time.perf_counter()
-        throughput = _Throughput(f"{feed.unit}/s", feed.units(feed.rows) / steps_per_epoch)
+        timer = _Throughput(f"{feed.unit}/s", feed.units(feed.rows) / steps_per_epoch)
         history = model.fit(**feed.fit_inputs(epoch, options.batch_size, options.seed), epochs=epoch + 1,
-                            initial_epoch=epoch, shuffle=False, callbacks=[throughput, *callbacks, _Progress(options.epochs)], verbose=verbose)
-        seconds = time.perf_counter() - began
-        summary.seconds += seconds
+                            initial_epoch=epoch, shuffle=False, callbacks=[timer, *callbacks, _Progress(options.epochs)],
+                            verbose=verbose, **_validation(feed.eval_inputs("val", options.batch_size, None)))
+        summary.seconds += timer.seconds
         summary.steps += steps_per_epoch
         summary.units += feed.units(feed.rows)
-        record = {"epoch": epoch + 1, "loss": float(history.history["loss"][-1]), "seconds": round(seconds, 3),
-                  f"{feed.unit}_per_second": round(feed.units(feed.rows) / seconds, 1)}
-        val = feed.eval_inputs("val", options.batch_size, None)
-        if val is not None:
-            record |= {f"val_{k}": float(v) for k, v in model.evaluate(**val, verbose=0, return_dict=True).items()}
-            if not quiet:
-                print("  ".join(f"{k} {v:.4f}" if k.endswith("loss") or k.endswith("accuracy") else f"{k} {v}"
-                                for k, v in record.items()))
+        record = {"epoch": epoch + 1, "seconds": round(timer.seconds, 3),
+                  f"{feed.unit}_per_second": round(feed.units(feed.rows) / timer.seconds, 1)}
+        record |= {k: float(v[-1]) for k, v in history.history.items() if k != f"{feed.unit}/s"}
         summary.history.append(record)
         summary.epochs = epoch + 1
         if output is not None:
             _save_checkpoint(Path(output), model, optimizer, options, summary)
     summary.after = _evaluate(model, feed, options)
     return summary
+
+
+def _validation(inputs: dict | None) -> dict:
+    """`evaluate`'s keyword arguments as `fit`'s validation ones (Keras then reports val_loss in the bar)."""
+    if inputs is None:
+        return {}
+    if "y" not in inputs:
+        return {"validation_data": inputs["x"]}
+    data = tuple(inputs[k] for k in ("x", "y", "sample_weight") if k in inputs)
+    return {"validation_data": data, "validation_batch_size": inputs.get("batch_size")}
 
 
 def _evaluate(model, feed: Feed, options: Options) -> dict:
