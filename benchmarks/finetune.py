@@ -231,10 +231,18 @@ def main() -> None:
     print(table)
     if args.write:
         write_section("finetune", "## Fine-tuning speed (`benchmarks/finetune.py`)\n\n"
-                      f"`python benchmarks/finetune.py --write` ({versions()}, trl). Text: Gemma bench shape, LoRA r{RANK} "
+                      f"`python benchmarks/finetune.py --write` ({versions()}, trl {_version('trl')}). Text: Gemma bench shape, LoRA r{RANK} "
                       f"q/v, batch {BATCH} x {LENGTH} tokens; images: ViT-B/16, LoRA r{RANK} q/v + new head, batch "
                       f"{IMAGE_BATCH}, 224x224 with random resized crop and flip. Second-epoch throughput, median of "
-                      f"{REPEATS}.\n\n" + table)
+                      f"{REPEATS}. Each peer runs in the same process as the backend it is compared with (so under "
+                      "TensorFlow, PyTorch shares the cores with TensorFlow's thread pools, and its figure drops).\n\n"
+                      + table)
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)
 
 
 if __name__ == "__main__":
