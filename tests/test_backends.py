@@ -111,9 +111,11 @@ TIERS = [
     ("fence, hub", lambda n: fenced(n) or n in ("zoo.hub", "zoo.presets")),
     ("loading, layers", lambda n: n in ("zoo.checkpoint", "zoo.safetensors_file", "zoo.key_map", "zoo.loader",
                                         "zoo.tokenizer") or n.startswith("zoo.layers")),
-    ("models, lora, generation", lambda n: n.startswith(("zoo.models", "zoo.lora", "zoo.generation"))),
+    ("models, lora, finetune, generation", lambda n: n.startswith(("zoo.models", "zoo.lora", "zoo.finetune.",
+                                                                    "zoo.generation")) or n == "zoo.finetune"),
     ("face", lambda n: n == "zoo"),
-    ("server, cli, tools", lambda n: n.startswith(("zoo.serving", "zoo.checkpoints_tools")) or n == "zoo.cli"),
+    ("server, cli, tools", lambda n: n.startswith(("zoo.serving", "zoo.checkpoints_tools")) or n in ("zoo.cli",
+                                                                                                    "zoo.finetune_cli")),
 ]
 
 

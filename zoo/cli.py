@@ -107,6 +107,10 @@ def _add_generate(sub) -> None:
     p.set_defaults(run=_generate)
 
 
+def _add_finetune(sub) -> None:
+    finetune_cli.add(sub, _positive_int, _say_backend)
+
+
 def _human(n: float, unit: str = "") -> str:
     for suffix in ("", "K", "M", "B", "T"):
         if abs(n) < 999.5:
@@ -256,7 +260,7 @@ def _add_serve(sub) -> None:
     p.set_defaults(run=_serve)
 
 
-COMMANDS = [_add_classify, _add_generate, _add_list, _add_info, _add_download, finetune_cli.add, _add_serve,
+COMMANDS = [_add_classify, _add_generate, _add_list, _add_info, _add_download, _add_finetune, _add_serve,
             _add_checkpoint]
 
 

@@ -1,23 +1,22 @@
 """`zoo finetune text|images`: the flags, a config file under them, and a few lines over `zoo.finetune`."""
 
+import functools
 from pathlib import Path
 
 
-def _flags() -> list:
+def _flags(positive_int=int) -> list:
     """(flag, the one task it is for or "", argparse keywords); a config file may set any of them by name."""
-    from zoo.cli import _positive_int
-
     return [
         ("--val", "", dict(metavar="PATH", help="validation data (text: a JSONL file; images: a folder)")),
         ("--val-split", "", dict(type=float, help="else hold out this seeded fraction (default 0)")),
-        ("--epochs", "", dict(type=_positive_int, help="passes over the data (default 1)")),
-        ("--batch-size", "", dict(type=_positive_int, help="examples per step (default 8)")),
+        ("--epochs", "", dict(type=positive_int, help="passes over the data (default 1)")),
+        ("--batch-size", "", dict(type=positive_int, help="examples per step (default 8)")),
         ("--lr", "", dict(type=float, help="peak learning rate (default 2e-4 with LoRA, 2e-5 full)")),
         ("--warmup-ratio", "", dict(type=float, help="warm-up steps as a fraction of all (default 0.05)")),
         ("--weight-decay", "", dict(type=float, help="AdamW weight decay, not on norms/biases (default 0.01)")),
-        ("--max-length", "text", dict(type=_positive_int, help="text: tokens per row (default 512)")),
+        ("--max-length", "text", dict(type=positive_int, help="text: tokens per row (default 512)")),
         ("--packing", "text", dict(action="store_true", default=None, help="text: pack short examples into rows")),
-        ("--lora-rank", "", dict(type=_positive_int, help="LoRA rank (default 8)")),
+        ("--lora-rank", "", dict(type=positive_int, help="LoRA rank (default 8)")),
         ("--lora-alpha", "", dict(type=float, help="LoRA alpha (default: the rank)")),
         ("--lora-targets", "", dict(help="comma-separated module names, or all-linear (default: PEFT's)")),
         ("--lora-dropout", "", dict(type=float, help="dropout on the adapter's input (default 0)")),
@@ -35,9 +34,8 @@ def _flags() -> list:
     ]
 
 
-def run(args) -> int:
+def run(args, say_backend=lambda: None) -> int:
     import zoo
-    from zoo.cli import _say_backend
     from zoo.finetune import Options, read_config_file
 
     values = read_config_file(args.config) if args.config else {}
@@ -64,7 +62,7 @@ def run(args) -> int:
                   overwrite=bool(values.get("overwrite")), merge=bool(values.get("merge")),
                   **{k: v for k, v in vars(options).items()})
     zoo.finetune.check_output(values["output"], bool(values.get("resume")), bool(values.get("overwrite")))
-    _say_backend()
+    say_backend()
     if args.task == "text":
         model = zoo.GemmaCausalLM.from_preset(values["preset"], dtype=dtype)
         summary = zoo.finetune.text(model, values["data"], **common)
@@ -83,7 +81,8 @@ def run(args) -> int:
     return 0
 
 
-def add(sub) -> None:
+def add(sub, positive_int=int, say_backend=lambda: None) -> None:
+    """The `finetune` subcommand on the CLI's subparsers (the CLI gives its argument type and backend line)."""
     p = sub.add_parser("finetune", help="fine-tune a preset on a JSONL file or an image folder (LoRA by default)")
     tasks = p.add_subparsers(dest="task", metavar="TASK", required=True)
     for task, data_help in (("text", "a JSONL file of {text}, {prompt, completion} or {messages} examples"),
@@ -92,7 +91,7 @@ def add(sub) -> None:
         t.add_argument("--preset", help="preset name, handle or folder to start from")
         t.add_argument("--data", help=data_help)
         t.add_argument("--output", "-o", help="folder for checkpoints and the result (a PEFT adapter by default)")
-        for flag, only, options in _flags():
+        for flag, only, options in _flags(positive_int):
             if only in ("", task):
                 t.add_argument(flag, **options)
-        t.set_defaults(run=run)
+        t.set_defaults(run=functools.partial(run, say_backend=say_backend))
