@@ -77,8 +77,10 @@ def chat_tokenizer(base: Tokenizer, folder: Path) -> Tokenizer:
     return Tokenizer.from_folder(folder)
 
 
-def train(out: Path, epochs: int = 8, seed: int = 0, limit: int | None = None, verbose="auto") -> dict:
-    """Trains and writes the adapter preset; `limit` keeps only the first examples (for tests)."""
+def train(out: Path, epochs: int = 8, seed: int = 0, limit: int | None = None, verbose="auto", samples: int = 3,
+          sample_tokens: int = 96) -> dict:
+    """Trains and writes the adapter preset; `limit` keeps only the first examples (for tests), and the report
+    holds `samples` replies of up to `sample_tokens` tokens to held-out instructions."""
     examples = instructions()[:limit]
     order = np.random.default_rng(seed).permutation(len(examples))
     held = max(len(examples) // 10, 1)
@@ -95,15 +97,15 @@ def train(out: Path, epochs: int = 8, seed: int = 0, limit: int | None = None, v
         for path in work.iterdir():
             if path.is_file():
                 shutil.copyfile(path, out / path.name)
-    samples = {}
-    for example in validation[:3]:
+    replies = {}
+    for example in validation[:samples]:
         prompt = example["messages"][0]["content"]
-        samples[prompt] = lm.generate(prompt, max_new_tokens=96, chat=True)
+        replies[prompt] = lm.generate(prompt, max_new_tokens=sample_tokens, chat=True)
     report = {"examples": summary.examples, "held_out_examples": summary.validation_examples,
               "truncated": summary.truncated, "held_out_loss_base": round(summary.before["val_loss"], 4),
               "held_out_loss_adapter": round(summary.after["val_loss"], 4), "epochs": epochs, "seed": seed,
               "tokens_per_second": round(summary.throughput), "seconds": round(summary.seconds),
-              "backend": summary.backend, "samples": samples}
+              "backend": summary.backend, "samples": replies}
     write_json(out / "training.json", report)
     log.info("held-out loss %.3f (base) -> %.3f (adapter)", report["held_out_loss_base"], report["held_out_loss_adapter"])
     return report

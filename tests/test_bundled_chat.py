@@ -1,6 +1,7 @@
 """The bundled chat preset: a LoRA adapter over gemma_tiny_pycode trained by zoo.finetune, served and used offline."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -70,10 +71,13 @@ def test_serve_with_no_argument_serves_the_chat_preset_too():
     assert served["gemma_tiny_pycode_chat"].adapters == ["default"]
 
 
+@pytest.mark.skipif(os.environ.get("KERAS_BACKEND", "jax") != "jax",
+                    reason="the script is run under JAX (its docstring's command); zoo.finetune's repeatability on "
+                           "every backend is tests/test_finetune.py's")
 def test_training_script_is_seeded_and_reproducible(tmp_path):
     outs = [tmp_path / "a", tmp_path / "b"]
     for out in outs:
-        report = train_gemma_pycode_chat.train(out, epochs=1, seed=3, limit=24, verbose=0)
+        report = train_gemma_pycode_chat.train(out, epochs=1, seed=3, limit=24, verbose=0, samples=1, sample_tokens=4)
         assert report["examples"] + report["held_out_examples"] == 24
     first, second = (load_file(out / "adapter_model.safetensors") for out in outs)
     for name in first:
