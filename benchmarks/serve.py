@@ -51,11 +51,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-async def client(http, model: str, index: int, requests: int, max_tokens: int, records: list) -> None:
+async def client(http, model: str, index: int, requests: int, max_tokens: int, records: list,
+                 logprobs: int | None = None) -> None:
     for r in range(requests):
         body = {"model": model, "prompt": PROMPTS[(index + r) % len(PROMPTS)], "max_tokens": max_tokens,
                 "temperature": 0 if index % 2 == 0 else 0.8, "seed": index, "stream": True, "ignore_eos": True,
                 "stream_options": {"include_usage": True}}
+        if logprobs is not None:
+            body["logprobs"] = logprobs
         start = time.perf_counter()
         first, tokens, ok = None, 0, False
         try:
@@ -81,14 +84,14 @@ async def client(http, model: str, index: int, requests: int, max_tokens: int, r
                        else {"error": "stream ended without [DONE]"})
 
 
-async def phase(url: str, model: str, clients: int, requests: int, max_tokens: int) -> dict:
+async def phase(url: str, model: str, clients: int, requests: int, max_tokens: int, logprobs: int | None = None) -> dict:
     import httpx
 
     records: list = []
     limits = httpx.Limits(max_connections=clients + 4)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
         start = time.perf_counter()
-        await asyncio.gather(*(client(http, model, i, requests, max_tokens, records) for i in range(clients)))
+        await asyncio.gather(*(client(http, model, i, requests, max_tokens, records, logprobs) for i in range(clients)))
         wall = time.perf_counter() - start
     good = [r for r in records if "error" not in r]
     lat = sorted(r["latency"] for r in good)
@@ -143,6 +146,31 @@ def run_model(preset: str, name: str, backend: str, client_counts: list[int], re
         server.wait(timeout=60)
 
 
+def compare_logprobs(backend: str, clients: int, requests: int, max_tokens: int, max_batch: int, top: int) -> str:
+    """The tiny model at `clients` clients with logprobs off and on (`top` alternatives), alternating on one server."""
+    server, url = start_server(backend, ["gemma_tiny_pycode", "--max-batch", str(max_batch), "--max-model-len", "256"])
+    try:
+        asyncio.run(phase(url, "gemma_tiny_pycode", 2, 1, 8, top))  # warm up both paths
+        runs = {"off": [], "on": []}
+        for _ in range(3):
+            for key, value in (("off", None), ("on", top)):
+                runs[key].append(asyncio.run(phase(url, "gemma_tiny_pycode", clients, requests, max_tokens, value)))
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    med = {k: {f: statistics.median(r[f] for r in rows) for f in ("tokens_per_s", "ttft_p50_s", "p50_s")}
+           for k, rows in runs.items()}
+    lines = [f"### `zoo serve` logprobs off vs on ({backend}, gemma_tiny_pycode, {clients} clients, {max_tokens} "
+             f"tokens, logprobs={top}; medians of 3 alternating runs)", "",
+             "| logprobs | tokens/s | TTFT p50 s | latency p50 s |", "|---|---|---|---|"]
+    for key, m in med.items():
+        lines.append(f"| {key} | {m['tokens_per_s']:.0f} | {m['ttft_p50_s']:.3f} | {m['p50_s']:.2f} |")
+    ratio = med["on"]["tokens_per_s"] / med["off"]["tokens_per_s"]
+    lines += ["", f"On/off throughput: {ratio:.2f}x. Command: `python benchmarks/serve.py --backend {backend} "
+              f"--logprobs {top} --clients {clients} --write`"]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", default="jax")
@@ -151,8 +179,17 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--max-batch", type=int, default=16, help="generation slots (zoo serve --max-batch)")
     parser.add_argument("--models", default="tiny,bench")
+    parser.add_argument("--logprobs", type=int, default=None,
+                        help="instead: the tiny model with logprobs off vs on (this many alternatives), first --clients")
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args()
+    if args.logprobs is not None:
+        table = compare_logprobs(args.backend, int(args.clients.split(",")[0]), args.requests, args.max_tokens,
+                                 args.max_batch, args.logprobs)
+        print(table)
+        if args.write:
+            write_section("serve_logprobs", table)
+        return
     counts = [int(c) for c in args.clients.split(",")]
     models = {"tiny": ("gemma_tiny_pycode", "gemma_tiny_pycode"), "bench": None}
     results = {}
