@@ -2,6 +2,7 @@
 
 import ast
 import json
+import os
 
 import numpy as np
 import pytest
@@ -47,6 +48,8 @@ def test_completion_looks_like_python(lm):
     assert function.body
 
 
+@pytest.mark.skipif(os.environ.get("KERAS_BACKEND", "jax") != "jax",
+                    reason="the bundled presets' scripts are run under JAX (their docstrings' command): run once")
 def test_training_script_is_seeded_and_reproducible(tmp_path):
     outs = [tmp_path / "a", tmp_path / "b"]
     for out in outs:
