@@ -62,9 +62,6 @@ class Options:
     def lr(self) -> float:
         return self.learning_rate or (2e-4 if self.lora else 2e-5)
 
-    def replace(self, **changes) -> "Options":
-        return dataclasses.replace(self, **changes)
-
     @classmethod
     def fields(cls) -> set[str]:
         return {f.name for f in dataclasses.fields(cls)}
