@@ -6,8 +6,12 @@ request makes exactly `--max-tokens` tokens), prompts of different lengths. Mode
 `gemma_tiny_pycode`, and the generation benchmark's shape (vocab 32000, hidden 512, 8 layers,
 random weights; benchmarks/generate.py) with the bundled tokenizer.
 
+`--adapters N` instead compares a base-only server with one serving N LoRA adapters over the same
+base (`--lora`), the clients spread over the adapters and the base (client i asks model i mod N+1).
+
 Usage:
     python benchmarks/serve.py [--backend jax] [--clients 1,8,32] [--requests 3] [--max-tokens 64] [--write]
+    python benchmarks/serve.py --adapters 4 --clients 8 [--adapter-targets q_proj,v_proj] [--write]
 """
 
 import argparse
@@ -51,8 +55,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-async def client(http, model: str, index: int, requests: int, max_tokens: int, records: list,
+async def client(http, model, index: int, requests: int, max_tokens: int, records: list,
                  logprobs: int | None = None) -> None:
+    """`requests` streamed completions back to back; `model` a name, or a list that clients take in turn."""
+    model = model[index % len(model)] if isinstance(model, list) else model
     for r in range(requests):
         body = {"model": model, "prompt": PROMPTS[(index + r) % len(PROMPTS)], "max_tokens": max_tokens,
                 "temperature": 0 if index % 2 == 0 else 0.8, "seed": index, "stream": True, "ignore_eos": True,
@@ -84,7 +90,7 @@ async def client(http, model: str, index: int, requests: int, max_tokens: int, r
                        else {"error": "stream ended without [DONE]"})
 
 
-async def phase(url: str, model: str, clients: int, requests: int, max_tokens: int, logprobs: int | None = None) -> dict:
+async def phase(url: str, model, clients: int, requests: int, max_tokens: int, logprobs: int | None = None) -> dict:
     import httpx
 
     records: list = []
@@ -171,6 +177,62 @@ def compare_logprobs(backend: str, clients: int, requests: int, max_tokens: int,
     return "\n".join(lines)
 
 
+def make_adapters(count: int, targets: str) -> list[str]:
+    """`count` random rank-8 adapters of the tiny model (PEFT's layout), as `--lora NAME=PATH` arguments."""
+    import numpy as np
+
+    import zoo
+
+    specs = []
+    for i in range(count):
+        folder = OUT / "serve_adapters" / f"{targets.replace(',', '-')}-{i}"
+        if not (folder / "adapter_model.safetensors").exists():
+            lm = zoo.GemmaCausalLM.from_preset("gemma_tiny_pycode")
+            lm.enable_lora(rank=8, alpha=16, targets=targets if targets == "all-linear" else targets.split(","))
+            rng = np.random.default_rng(i)
+            for v in lm.trainable_weights:
+                v.assign(rng.normal(0, 0.05, v.shape).astype("float32"))
+            lm.save_adapter(folder)
+        specs += ["--lora", f"lora{i}={folder}"]
+    return specs
+
+
+def compare_adapters(backend: str, count: int, targets: str, clients: int, requests: int, max_tokens: int,
+                     max_batch: int, rounds: int = 3) -> str:
+    """Aggregate tokens/s of `clients` clients on the base alone (a server without adapters) against the same
+    load spread over `count` adapters and the base (one server, one batch), and the base alone on that server."""
+    loras = make_adapters(count, targets)
+    names = ["gemma_tiny_pycode"] + [f"lora{i}" for i in range(count)]
+    common = ["gemma_tiny_pycode", "--max-batch", str(max_batch), "--max-model-len", "256"]
+    runs = {"base server, base only": [], "adapter server, mixed": [], "adapter server, base only": []}
+    for _ in range(rounds):  # servers one at a time (2 cores); rounds alternate them
+        for options, loads in ((common, {"base server, base only": "gemma_tiny_pycode"}),
+                               (common + loras, {"adapter server, mixed": names,
+                                                 "adapter server, base only": "gemma_tiny_pycode"})):
+            server, url = start_server(backend, options)
+            try:
+                asyncio.run(phase(url, names if len(loads) > 1 else names[0], len(names), 1, 8))  # warm up
+                for key, model in loads.items():
+                    runs[key].append(asyncio.run(phase(url, model, clients, requests, max_tokens)))
+                    print(key, json.dumps(runs[key][-1]), flush=True)
+            finally:
+                server.terminate()
+                server.wait(timeout=60)
+    med = {k: {f: statistics.median(r[f] for r in rows) for f in ("tokens_per_s", "ttft_p50_s", "ttft_p99_s", "p50_s")}
+           for k, rows in runs.items()}
+    errors = sum(r["errors"] for rows in runs.values() for r in rows)
+    lines = [f"### `zoo serve` with {count} LoRA adapters ({backend}, gemma_tiny_pycode, rank 8 on {targets}, "
+             f"{clients} clients, {max_tokens} tokens; medians of {rounds} rounds)", "",
+             "| load | tokens/s | vs base server | TTFT p50 s | TTFT p99 s | latency p50 s |", "|---|---|---|---|---|---|"]
+    alone = med["base server, base only"]["tokens_per_s"]
+    for key, m in med.items():
+        lines.append(f"| {key} | {m['tokens_per_s']:.0f} | {m['tokens_per_s'] / alone:.2f}x | {m['ttft_p50_s']:.3f} "
+                     f"| {m['ttft_p99_s']:.3f} | {m['p50_s']:.2f} |")
+    lines += ["", f"Errors: {errors}. Command: `python benchmarks/serve.py --backend {backend} --adapters {count} "
+              f"--adapter-targets {targets} --clients {clients} --write`"]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", default="jax")
@@ -181,8 +243,19 @@ def main() -> None:
     parser.add_argument("--models", default="tiny,bench")
     parser.add_argument("--logprobs", type=int, default=None,
                         help="instead: the tiny model with logprobs off vs on (this many alternatives), first --clients")
+    parser.add_argument("--adapters", type=int, default=None,
+                        help="instead: base-only server vs one serving this many adapters, first --clients")
+    parser.add_argument("--adapter-targets", default="q_proj,v_proj",
+                        help="modules the adapters adapt (default PEFT's for Gemma; or all-linear)")
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args()
+    if args.adapters is not None:
+        table = compare_adapters(args.backend, args.adapters, args.adapter_targets, int(args.clients.split(",")[0]),
+                                 args.requests, args.max_tokens, args.max_batch)
+        print(table)
+        if args.write:
+            write_section(f"serve_adapters_{args.backend}_{args.adapter_targets.replace(',', '_')}", table)
+        return
     if args.logprobs is not None:
         table = compare_logprobs(args.backend, int(args.clients.split(",")[0]), args.requests, args.max_tokens,
                                  args.max_batch, args.logprobs)

@@ -32,7 +32,7 @@ class Choice:
 
 async def generate(server, request, chat: bool):
     body = await server.json_body(request)
-    name, scheduler = server.model(body, "generate")
+    name, scheduler, adapter = server.model(body, "generate")
     params = sampling(body, CHAT_FIELDS if chat else COMPLETION_FIELDS, server.config.max_tokens or scheduler.length)
     tokenizer = scheduler.lm.tokenizer
     try:
@@ -50,7 +50,7 @@ async def generate(server, request, chat: bool):
                                 f"requested {total} tokens ({len(ids)} in the prompt, {params['max_tokens']} for the "
                                 "completion). Please reduce the prompt or max_tokens.",
                            param="messages" if chat else "prompt", code="context_length_exceeded")
-    choices = _submit(scheduler, prompts, params, tokenizer)
+    choices = _submit(scheduler, prompts, params, tokenizer, adapter)
     server.metrics.prompt_tokens.labels(name).inc(sum(len(ids) for ids, _ in prompts))
     meta = dict(id=("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex, created=int(time.time()), model=name,
                 object="chat.completion" if chat else "text_completion")
@@ -69,7 +69,7 @@ async def generate(server, request, chat: bool):
     return JSONResponse({**meta, "choices": [shape.whole(c) for c in choices], "usage": totals()})
 
 
-def _submit(scheduler, prompts, params, tokenizer) -> list[Choice]:
+def _submit(scheduler, prompts, params, tokenizer, adapter: str | None) -> list[Choice]:
     """Every choice of every prompt queued, or none (a full queue, or a request the engine refuses)."""
     n, echo, logprobs = params["n"], params["echo"], params["logprobs"]
     scheduler.check_room(len(prompts) * n)
@@ -83,7 +83,7 @@ def _submit(scheduler, prompts, params, tokenizer) -> list[Choice]:
                     sampler = type(sampler)(**{**sampler.__dict__, "seed": sampler.seed + j})
                 scored = logprobs if echo and logprobs is not None else 0 if params["max_tokens"] == 0 else None
                 ticket = scheduler.submit(ids, params["max_tokens"], sampler, stop_ids, params["stop"], logprobs,
-                                          scored)  # (max_tokens 0: the engine's prompt-only path)
+                                          scored, adapter)  # (max_tokens 0: the engine's prompt-only path)
                 prompt_text = (sent if sent is not None else tokenizer.decode(ids)) if echo else None
                 choices.append(Choice(i * n + j, ticket, prompt_text))
     except GenerationError as e:

@@ -82,10 +82,13 @@ class GenerationScheduler(_Worker):
         if len(self.engine.waiting) + count > self.max_queue:
             raise QueueFull(f"the queue holds {self.max_queue} waiting requests")
 
-    def submit(self, prompt_ids, max_new_tokens, sampler, stop_ids, stop, logprobs=None, prompt_logprobs=None) -> Ticket:
-        """Queues a request (raises QueueFull at the bound); events arrive on the ticket's queue."""
+    def submit(self, prompt_ids, max_new_tokens, sampler, stop_ids, stop, logprobs=None, prompt_logprobs=None,
+               adapter=None) -> Ticket:
+        """Queues a request (raises QueueFull at the bound), with the served adapter `adapter` (None: the base);
+        events arrive on the ticket's queue."""
         self.check_room(1)
-        request = self.engine.submit(prompt_ids, max_new_tokens, sampler, stop_ids, stop, logprobs, prompt_logprobs)
+        request = self.engine.submit(prompt_ids, max_new_tokens, sampler, stop_ids, stop, logprobs, prompt_logprobs,
+                                     adapter)
         ticket = Ticket(request, asyncio.Queue(), asyncio.get_running_loop())
         self._tickets[request.id] = ticket
         with self._wake:

@@ -26,14 +26,14 @@ def models(tmp_path_factory):
 
 
 class Running:
-    def __init__(self, models, **options):
+    def __init__(self, models, loras=(), **options):
         import uvicorn
 
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         self.config = ServerConfig(port=port, **options)
-        self.app = create_app(models, self.config)
+        self.app = create_app(models, self.config, loras)
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=port, log_level="warning",
                                                     timeout_graceful_shutdown=30))
         self.thread = threading.Thread(target=self.server.run, daemon=True)

@@ -226,19 +226,43 @@ def _serve(args) -> int:
     import logging
 
     try:
-        from zoo.serving import ServerConfig, check_port, create_app, load_models, serve
+        from zoo.serving import Lora, ServerConfig, check_port, create_app, load_models, serve
     except ImportError as e:
         raise SystemExit(f"zoo serve needs the serving extra: pip install 'keras-zoo[serve]' ({e})") from None
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    loras = [Lora(*_lora_argument(text)) for text in [*(args.lora or []), *(args.lora_modules or [])]]
+    max_loras = args.max_loras if args.max_loras is not None else max(4, len(loras))
     config = ServerConfig(host=args.host, port=args.port, max_batch=args.max_batch, max_queue=args.max_queue,
                           api_key=args.api_key, max_model_len=args.max_model_len, max_tokens=args.max_tokens,
-                          request_timeout_s=args.request_timeout, max_image_pixels=args.max_image_pixels)
+                          request_timeout_s=args.request_timeout, max_image_pixels=args.max_image_pixels,
+                          enable_lora=args.enable_lora or bool(loras), max_loras=max_loras,
+                          max_lora_rank=args.max_lora_rank)
     check_port(args.host, args.port)
     models = load_models(args.presets)
-    print(f"serving {', '.join(models)} on http://{args.host}:{args.port}/v1", flush=True)
-    serve(create_app(models, config), config)
+    app = create_app(models, config, loras)
+    print(f"serving {', '.join(app.state.server.served())} on http://{args.host}:{args.port}/v1", flush=True)
+    serve(app, config)
     return 0
+
+
+def _lora_argument(text: str) -> tuple[str, str, str | None]:
+    """`NAME=PATH_OR_HANDLE`, or vLLM's JSON `{"name": ..., "path": ..., "base_model_name": ...}`."""
+    from zoo.errors import ConfigError
+
+    if text.lstrip().startswith("{"):
+        try:
+            given = json.loads(text)
+        except ValueError as e:
+            raise ConfigError(f"--lora-modules {text!r}: not valid JSON ({e})") from None
+        if not (isinstance(given, dict) and isinstance(given.get("name"), str) and isinstance(given.get("path"), str)):
+            raise ConfigError(f'--lora-modules {text!r}: expected {{"name": ..., "path": ...}}')
+        return given["name"], given["path"], given.get("base_model_name")
+    name, sep, source = text.partition("=")
+    if not (sep and name and source):
+        raise ConfigError(f"--lora {text!r}: expected NAME=PATH_OR_HANDLE (a PEFT adapter folder, hf://... or "
+                          "kaggle://...)")
+    return name, source, None
 
 
 def _add_serve(sub) -> None:
@@ -257,6 +281,16 @@ def _add_serve(sub) -> None:
                    help="largest image (width x height) /v1/classify decodes (default 40M)")
     p.add_argument("--api-key", default=os.environ.get("ZOO_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on every route but /health (default $ZOO_API_KEY)")
+    p.add_argument("--lora", action="append", metavar="NAME=PATH",
+                   help="serve a PEFT adapter (folder, hf://..., kaggle://...) over its base as model NAME, in the "
+                        "same batch as the base; repeat for more")
+    p.add_argument("--lora-modules", nargs="+", metavar="NAME=PATH",
+                   help="vLLM's spelling of --lora; also JSON: '{\"name\": ..., \"path\": ..., \"base_model_name\": ...}'")
+    p.add_argument("--enable-lora", action="store_true",
+                   help="allow adapters to be loaded at run time (POST /v1/load_lora_adapter); implied by --lora")
+    p.add_argument("--max-loras", type=int, default=None,
+                   help="adapters loaded at once per base model (default: 4, or the number given)")
+    p.add_argument("--max-lora-rank", type=int, default=16, help="the highest adapter rank served (default 16)")
     p.set_defaults(run=_serve)
 
 

@@ -8,9 +8,12 @@ up to the highest busy one (rounded up to a power of two): a lone request costs 
 
 The engine needs the model's `prefill`, `decode` and `empty_cache` (see GemmaCausalLM), run
 compiled (`zoo.generation.steps`); with `model.tokenizer` it also makes text and honours stop strings.
+A model serving several adapters (`zoo.lora.bank`) runs requests for any of them, and for the base,
+in the same batch: each row passes its adapter's slot to the steps.
 """
 
 import collections
+import contextlib
 import itertools
 import threading
 import time
@@ -19,10 +22,11 @@ from dataclasses import dataclass, field
 import numpy as np
 from keras import ops
 
-from zoo.errors import GenerationError
+from zoo.errors import GenerationError, ZooError
 from zoo.generation import samplers, steps
 from zoo.generation.samplers import Sampler
 from zoo.generation.text import TextStream
+from zoo.lora import bank as adapter_bank
 
 MIN_BUCKET = 16
 MAX_ENGINES = 4  # engine shapes (slots x positions) kept per model, each with its KV cache; the oldest goes first
@@ -58,6 +62,8 @@ class Request:
     prompt_logprobs: int | None = None  # the same for each prompt token after the first (None: off)
     token_scores: list = field(default_factory=list)  # per new token: (log-probability, [(id, logprob), ...])
     prompt_scores: list = field(default_factory=list)  # per prompt token after the first, likewise
+    adapter: str | None = None  # the served adapter it runs with (None: the base model)
+    adapter_slot: int = 0  # that adapter's slot in the model's bank, held from enqueue until it finishes
 
     @property
     def finished(self) -> bool:
@@ -70,11 +76,12 @@ class Request:
 
 
 def make_request(model, prompt_ids, max_new_tokens, sampler: Sampler | None = None, stop_ids=(), stop=(),
-                 logprobs: int | None = None, prompt_logprobs: int | None = None) -> Request:
+                 logprobs: int | None = None, prompt_logprobs: int | None = None, adapter: str | None = None) -> Request:
     """A request for `model`, every argument checked here, once: a GenerationError says what is wrong.
 
     `logprobs` and `prompt_logprobs` (ints >= 0) ask for log-probabilities of the new tokens and of the
-    prompt's (with that many alternatives each); scoring the prompt alone is `max_new_tokens=0`."""
+    prompt's (with that many alternatives each); scoring the prompt alone is `max_new_tokens=0`.
+    `adapter` names one of the adapters the model serves (`zoo.lora.bank`)."""
     for name, value in (("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs)):
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
             raise GenerationError(f"{name} must be an int >= 0 or None, got {value!r}")
@@ -90,8 +97,14 @@ def make_request(model, prompt_ids, max_new_tokens, sampler: Sampler | None = No
         raise GenerationError(f"the prompt holds token ids outside the model's vocabulary of {vocab}: {outside[:5]}")
     if len(prompt_ids) >= limit:
         raise GenerationError(f"the prompt has {len(prompt_ids)} tokens; the model's maximum is {limit} positions")
+    if adapter is not None:
+        served = adapter_bank.of(model)
+        if served is None:
+            raise GenerationError(f"adapter {adapter!r}: this model serves no adapters (zoo.lora.bank.AdapterBank)")
+        if adapter not in served.names():
+            raise GenerationError(f"no adapter named {adapter!r}; this model serves {served.names() or 'none'}")
     request = Request(prompt_ids, max_new_tokens, sampler or Sampler(), frozenset(stop_ids), tuple(stop),
-                      logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+                      logprobs=logprobs, prompt_logprobs=prompt_logprobs, adapter=adapter)
     if request.stop and model.tokenizer is None:
         raise GenerationError("stop strings need a tokenizer; this model has none (use stop token ids)")
     return request
@@ -135,21 +148,27 @@ class GenerationEngine:
         self.slots: list[Request | None] = [None] * rows
         self.waiting: collections.deque[Request] = collections.deque()
         self._streams: dict[int, tuple[TextStream, np.random.Generator]] = {}
+        self._bank_version = None  # the served adapters' banks the steps were made with
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ requests
 
     def submit(self, prompt_ids, max_new_tokens: int, sampler: Sampler | None = None, stop_ids=(), stop=(),
-               logprobs: int | None = None, prompt_logprobs: int | None = None) -> Request:
+               logprobs: int | None = None, prompt_logprobs: int | None = None, adapter: str | None = None) -> Request:
         """Queues a request (checked by `make_request`); it joins the batch at the next step with a free slot."""
         return self.enqueue(make_request(self.model, prompt_ids, max_new_tokens, sampler, stop_ids, stop, logprobs,
-                                         prompt_logprobs))
+                                         prompt_logprobs, adapter))
 
     def enqueue(self, request: Request) -> Request:
-        """Queues a request made by `make_request`."""
+        """Queues a request made by `make_request`; it holds its adapter's slot until it finishes."""
         if len(request.prompt_ids) >= self.length:
             raise GenerationError(f"the prompt has {len(request.prompt_ids)} tokens; this engine holds {self.length} "
                                   "positions (prompt and new tokens together)")
+        if request.adapter is not None:
+            try:
+                request.adapter_slot = adapter_bank.of(self.model).acquire(request.adapter)
+            except ZooError as e:  # unloaded since the request was made
+                raise GenerationError(str(e)) from None
         stream = TextStream(self.tokenizer, request.stop) if self.tokenizer is not None else None
         with self._lock:
             self._streams[request.id] = (stream, request.sampler.rng())
@@ -181,9 +200,11 @@ class GenerationEngine:
         for batch, width in self.prefill_shapes():
             tokens = np.zeros((batch, width), np.int32)
             slots = (np.arange(batch) % self.rows).astype(np.int32)
-            _, self.cache = prefill(tokens, np.ones((batch,), np.int32), slots, self.cache)
+            _, self.cache = prefill(tokens, np.ones((batch,), np.int32), slots, self.cache,
+                                    *self._adapters(np.zeros(batch)))
         for rows in self.decode_rows():
-            _, self.cache = decode(np.zeros((rows, 1), np.int32), np.zeros((rows,), np.int32), self.cache)
+            _, self.cache = decode(np.zeros((rows, 1), np.int32), np.zeros((rows,), np.int32), self.cache,
+                                   *self._adapters(np.zeros(rows)))
 
     def cancel(self, request: Request) -> None:
         """Stops a request; its slot is free for the next step."""
@@ -200,23 +221,37 @@ class GenerationEngine:
 
     def step(self) -> list[Event]:
         """Admits waiting requests into free slots, then decodes one token for every busy slot."""
-        events = self._drop_cancelled()
-        events += self._admit()
-        active = [r for r in self.slots if r is not None and not r.finished]
-        if active:
-            rows = self._rows_for(max(r.slot for r in active) + 1)  # decode rows [0, rows) of the cache
-            tokens = np.zeros((rows, 1), np.int32)
-            positions = np.zeros((rows,), np.int32)
-            for r in active:
-                tokens[r.slot, 0], positions[r.slot] = r.tokens[-1], r.position
-            logits, self.cache = self.steps.decode(tokens, positions, self.cache)
-            logits = ops.convert_to_numpy(logits)
-            events += [self._accept(r, logits[r.slot]) for r in active]
+        served = adapter_bank.of(self.model)
+        with served.step_lock if served is not None else contextlib.nullcontext():  # no adapter written meanwhile
+            if served is not None and served.version != self._bank_version:  # a module got a bank: new weights
+                self.steps.refresh()
+                self._bank_version = served.version
+            events = self._drop_cancelled()
+            events += self._admit()
+            active = [r for r in self.slots if r is not None and not r.finished]
+            if active:
+                rows = self._rows_for(max(r.slot for r in active) + 1)  # decode rows [0, rows) of the cache
+                tokens = np.zeros((rows, 1), np.int32)
+                positions, adapters = np.zeros((rows,), np.int32), np.zeros((rows,), np.int32)
+                for r in active:
+                    tokens[r.slot, 0], positions[r.slot], adapters[r.slot] = r.tokens[-1], r.position, r.adapter_slot
+                logits, self.cache = self.steps.decode(tokens, positions, self.cache, *self._adapters(adapters))
+                logits = ops.convert_to_numpy(logits)
+                events += [self._accept(r, logits[r.slot]) for r in active]
         for i, r in enumerate(self.slots):
             if r is not None and r.finished:
                 self.slots[i] = None
-                self._streams.pop(r.id, None)
+                self._finish(r)
         return events
+
+    def _adapters(self, slots) -> tuple:
+        """The steps' last argument, each row's adapter slot, if the model serves adapters; else nothing."""
+        return (np.asarray(slots, np.int32),) if adapter_bank.of(self.model) is not None else ()
+
+    def _finish(self, r: Request) -> None:
+        """A request leaves the engine: its text stream goes, and its hold on its adapter's slot (once)."""
+        if self._streams.pop(r.id, None) is not None and r.adapter_slot:
+            adapter_bank.of(self.model).release(r.adapter_slot)
 
     def _drop_cancelled(self) -> list[Event]:
         events = []
@@ -224,12 +259,13 @@ class GenerationEngine:
             for r in [r for r in self.waiting if r.cancelled]:
                 self.waiting.remove(r)
                 r.finish_reason = "cancelled"
+                self._finish(r)
                 events.append(Event(r, None, "", True))
         for i, r in enumerate(self.slots):
             if r is not None and r.cancelled and not r.finished:
                 r.finish_reason = "cancelled"
                 self.slots[i] = None
-                self._streams.pop(r.id, None)
+                self._finish(r)
                 events.append(Event(r, None, "", True))
         return events
 
@@ -242,7 +278,7 @@ class GenerationEngine:
         for r in scored:
             self._score_prompt(r)
             r.finish_reason = "length"
-            self._streams.pop(r.id, None)
+            self._finish(r)
             events.append(Event(r, None, "", True))
         free = [i for i, r in enumerate(self.slots) if r is None]
         admitted = []
@@ -265,14 +301,17 @@ class GenerationEngine:
                 tokens[row, : len(r.prompt_ids)] = r.prompt_ids
             lengths = np.array([len(r.prompt_ids) for r in padded], np.int32)
             slots = np.array([r.slot for r in padded], np.int32)
-            logits, self.cache = self.steps.prefill(tokens, lengths, slots, self.cache)
+            adapters = self._adapters([r.adapter_slot for r in padded])
+            logits, self.cache = self.steps.prefill(tokens, lengths, slots, self.cache, *adapters)
             logits = ops.convert_to_numpy(logits)
             events += [self._accept(r, logits[row]) for row, r in enumerate(group)]
         return events
 
     def _score_prompt(self, r: Request) -> None:
         """Log-probabilities of the prompt's tokens (after the first) under the model: one forward pass."""
-        logits = ops.convert_to_numpy(self.model(np.asarray([r.prompt_ids], np.int32)))[0, :-1]  # (p - 1, vocab)
+        extra = self._adapters([r.adapter_slot])
+        adapters = {"adapters": extra[0]} if extra else {}
+        logits = ops.convert_to_numpy(self.model(np.asarray([r.prompt_ids], np.int32), **adapters))[0, :-1]  # (p-1, v)
         scores = samplers.log_probs(logits, r.sampler.temperature)
         r.prompt_scores = [(float(lp[t]), samplers.top_log_probs(lp, r.prompt_logprobs))
                            for lp, t in zip(scores, r.prompt_ids[1:])]

@@ -10,6 +10,8 @@ replaced: Keras' quantisation keeps working.
 A projection also carries the LoRA adapters `zoo.lora` puts on it (`adapters`, `active`): named,
 added and removed after the model is built, so they sit outside Keras' tracked state and are
 listed by `weights`/`variables` (the trainers, the optimizer and compiled steps see them there).
+A served model's projections also hold a `Bank` (`zoo.lora.bank`): many adapters stacked, one per
+batch row, chosen by the `adapters` argument of the call.
 """
 
 import math
@@ -79,11 +81,45 @@ class Replacement:
 
 
 @dataclass(eq=False)
+class Bank:
+    """Many adapters on one projection, for a batch whose rows use different ones (`zoo.lora.bank`).
+
+    Slot j (1..S) holds an adapter zero-padded to the bank's rank R: `lora_A` (S, R, in), `lora_B`
+    (out, S*R) (slot j's (out, R) block at columns (j-1)*R...) and `scale` (S,); slot 0 is the base
+    model, no adapter. Every row is multiplied through every slot's A and B with the other slots'
+    ranks zeroed: two plain matmuls, no gather, which is fastest while S*R is small against the
+    projection's width. Padding adds exact zeros.
+    """
+
+    lora_A: keras.Variable
+    lora_B: keras.Variable
+    scale: keras.Variable
+
+    @property
+    def weights(self) -> list:
+        return [self.lora_A, self.lora_B, self.scale]
+
+    def delta(self, x2d, rows, slots):
+        """x (m, in), whose m = b * t rows belong to batch rows in slots `slots` (b,) -> each row's update (m, out)."""
+        s, r, d = self.lora_A.shape
+        x2d = ops.cast(x2d, _dtype(self.lora_A))
+        low = backends.matmul_out_in(x2d, ops.reshape(self.lora_A.value, (s * r, d)))  # (m, S*R)
+        mine = ops.cast(slots[:, None] == ops.arange(1, s + 1, dtype="int32")[None, :], low.dtype)  # (b, S)
+        low = ops.reshape(low, (rows, -1, s, r)) * (mine * self.scale.value)[:, None, :, None]  # (b, t, S, R)
+        return backends.matmul_out_in(ops.reshape(low, (-1, s * r)), self.lora_B.value)  # (m, out)
+
+
+@dataclass(eq=False)
 class Adapters:
-    """The adapters on one projection by name, and the one in use (None: the base weights alone)."""
+    """The adapters on one projection by name, and the one in use (None: the base weights alone); and the
+    served adapters' bank, if the model serves several at once."""
 
     by_name: dict = field(default_factory=dict)
     active: str | None = None
+    bank: Bank | None = None
+
+    def weights(self) -> list:
+        return [w for a in self.by_name.values() for w in a.weights] + (self.bank.weights if self.bank else [])
 
 
 @keras.saving.register_keras_serializable(package="zoo")
@@ -106,16 +142,15 @@ class EinsumDense(keras.layers.EinsumDense):
 
     @property
     def weights(self):
-        extra = [w for a in self.adapters.by_name.values() for w in a.weights]
-        return super().weights + extra
+        return super().weights + self.adapters.weights()
 
     @property
     def variables(self):
-        extra = [w for a in self.adapters.by_name.values() for w in a.weights]
         seeds = [a.seed.state for a in self.adapters.by_name.values() if getattr(a, "seed", None) is not None]
-        return super().variables + extra + seeds
+        return super().variables + self.adapters.weights() + seeds
 
-    def call(self, inputs, training=None):
+    def call(self, inputs, training=None, adapters=None):
+        """`adapters` (b,): each batch row's slot in the projection's bank (0: none), if it has one."""
         shape = ops.shape(inputs)
         adapter = self.adapters.by_name.get(self.adapters.active)
         kernel, bias = (adapter.kernel, adapter.bias) if isinstance(adapter, Replacement) else (self.kernel, self.bias)
@@ -130,6 +165,9 @@ class EinsumDense(keras.layers.EinsumDense):
                 x = backends.matmul_out_in(x2d, weight)
             if isinstance(adapter, LowRank):  # added in the adapter's dtype, then back to the layer's, as PEFT does
                 delta = adapter.delta(x2d, training)
+                x = ops.cast(ops.cast(x, _dtype(delta)) + delta, _dtype(x))
+            if adapters is not None and self.adapters.bank is not None:
+                delta = self.adapters.bank.delta(x2d, shape[0], ops.convert_to_tensor(adapters, "int32"))
                 x = ops.cast(ops.cast(x, _dtype(delta)) + delta, _dtype(x))
         else:
             out_shape, inner = kernel_shape[self._num_contracted:], math.prod(kernel_shape[: self._num_contracted])

@@ -100,6 +100,28 @@ def load(model, source, name: str | None = None) -> str:
     adapter and makes it active; returns its name."""
     name = "default" if name is None else name
     _check_new_name(model, name)
+    read = read_adapter(model, source)
+    _attach(model, name, read.settings, read.targeted, read.values, read.heads, scale_names=read.spelled)
+    return name
+
+
+@dataclass(frozen=True, eq=False)
+class Read:
+    """A PEFT adapter folder read and checked against a model: its settings, the modules it adapts with
+    their (A, B, rank) arrays, its `modules_to_save` (weight, bias), and each module as the file spells it."""
+
+    settings: Settings
+    targeted: list
+    values: dict
+    heads: dict
+    spelled: dict
+
+    def scale(self, module: Module) -> float:
+        return self.settings.scale(self.spelled.get(module, module.name))
+
+
+def read_adapter(model, source) -> Read:
+    """Reads a PEFT adapter folder for `model`, every tensor checked against the module it adapts."""
     folder = hub.resolve(source, adapter=True)
     config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
     if not config_path.is_file():
@@ -162,8 +184,7 @@ def load(model, source, name: str | None = None) -> str:
                                          f"{spelled[module]}.{part}), got {tuple(info.shape)}")
         head_values[module.name] = (_read(parts["weight"]) if "weight" in parts else None,
                                     _read(parts["bias"]) if "bias" in parts else None)
-    _attach(model, name, settings, targeted, values, head_values, scale_names=spelled)
-    return name
+    return Read(settings, targeted, values, head_values, spelled)
 
 
 def save(model, folder, name: str | None = None) -> Path:

@@ -38,16 +38,17 @@ class GemmaAttention(keras.layers.Layer):
             self.q_norm.build((None, None, c.num_heads, c.head_dim))
             self.k_norm.build((None, None, c.num_kv_heads, c.head_dim))
 
-    def call(self, x, cos, sin, mask, cache=None, write_index=None, read_cache=False):
+    def call(self, x, cos, sin, mask, cache=None, write_index=None, read_cache=False, adapters=None):
         """x (b, t, d) -> (b, t, d), and the (keys, values) cache with this step's rows written.
 
         With a cache, row i of this step's keys and values is written into cache row
         `write_index[0][i]` from position `write_index[1][i]`; `read_cache` attends over the
-        whole cache (decoding) rather than over this step's own keys (prefilling).
+        whole cache (decoding) rather than over this step's own keys (prefilling). `adapters` (b,)
+        picks each row's served adapter (`zoo.lora.bank`).
         """
-        q = self.q_proj(x)  # (b, t, n, h)
-        k = self.k_proj(x)  # (b, t, k, h)
-        v = self.v_proj(x)  # (b, t, k, h)
+        q = self.q_proj(x, adapters=adapters)  # (b, t, n, h)
+        k = self.k_proj(x, adapters=adapters)  # (b, t, k, h)
+        v = self.v_proj(x, adapters=adapters)  # (b, t, k, h)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotary.apply(q, cos, sin), rotary.apply(k, cos, sin)
@@ -61,7 +62,7 @@ class GemmaAttention(keras.layers.Layer):
                 k, v = (keys, values) if b == keys.shape[0] else (keys[:b], values[:b])
         c = self.config
         out = attention(q, k, v, c.attention_scale, mask, softcap=c.attn_logit_softcapping)  # (b, t, n, h)
-        return self.o_proj(out), cache
+        return self.o_proj(out, adapters=adapters), cache
 
 
 class GemmaMLP(keras.layers.Layer):
@@ -82,8 +83,9 @@ class GemmaMLP(keras.layers.Layer):
         self.up_proj.build(input_shape)
         self.down_proj.build((*input_shape[:-1], self.intermediate_size))
 
-    def call(self, x):
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))  # (b, t, d)
+    def call(self, x, adapters=None):
+        gate, up = self.gate_proj(x, adapters=adapters), self.up_proj(x, adapters=adapters)  # (b, t, f)
+        return self.down_proj(self.act(gate) * up, adapters=adapters)  # (b, t, d)
 
 
 class GemmaDecoderLayer(keras.layers.Layer):
@@ -107,11 +109,12 @@ class GemmaDecoderLayer(keras.layers.Layer):
             if layer is not None:
                 layer.build(input_shape)
 
-    def call(self, x, cos, sin, mask, cache=None, write_index=None, read_cache=False):
+    def call(self, x, cos, sin, mask, cache=None, write_index=None, read_cache=False, adapters=None):
         h, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache=cache, write_index=write_index,
-                                  read_cache=read_cache)
+                                  read_cache=read_cache, adapters=adapters)
         if self.config.sandwich_norms:
             x = x + self.post_attention_layernorm(h)
-            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x))), cache
+            mlp = self.mlp(self.pre_feedforward_layernorm(x), adapters=adapters)
+            return x + self.post_feedforward_layernorm(mlp), cache
         x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x)), cache
+        return x + self.mlp(self.post_attention_layernorm(x), adapters=adapters), cache

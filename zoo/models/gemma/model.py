@@ -64,9 +64,10 @@ class GemmaBackbone(PresetModel):
 
     # ------------------------------------------------------------------ the three entry points
 
-    def call(self, token_ids, padding_mask=None, segment_ids=None):
+    def call(self, token_ids, padding_mask=None, segment_ids=None, adapters=None):
         """`segment_ids` (b, t) number the examples packed into a row (1, 2, ...; 0 is padding): each attends
-        within itself and counts its positions from 0, as if alone. A dict of these inputs works too (`fit`)."""
+        within itself and counts its positions from 0, as if alone. A dict of these inputs works too (`fit`).
+        `adapters` (b,), in every entry point: each row's slot among the served adapters (`zoo.lora.bank`)."""
         if isinstance(token_ids, dict):
             return self.call(**token_ids)
         token_ids = ops.convert_to_tensor(token_ids, "int32")
@@ -78,7 +79,7 @@ class GemmaBackbone(PresetModel):
             positions = ops.sum(ops.cast(same, "int32"), axis=-1) - 1  # (b, t): earlier tokens of its example
             key_valid = ops.logical_and(same, (segment_ids > 0)[:, None, :])  # (b, t, s)
             masks = self._masks(positions[:, :, None], positions[:, None, :], key_valid)
-            x, _ = self._run_layers(self._embed(token_ids), positions, masks)
+            x, _ = self._run_layers(self._embed(token_ids), positions, masks, adapters=adapters)
             return x
         if padding_mask is None:
             valid = ops.ones_like(token_ids, dtype="bool")
@@ -87,10 +88,10 @@ class GemmaBackbone(PresetModel):
         # Positions count real tokens only, so left padding does not shift them.
         positions = ops.maximum(ops.cumsum(ops.cast(valid, "int32"), axis=1) - 1, 0)  # (b, t)
         masks = self._masks(positions[:, :, None], positions[:, None, :], valid[:, None, :])
-        x, _ = self._run_layers(self._embed(token_ids), positions, masks)
+        x, _ = self._run_layers(self._embed(token_ids), positions, masks, adapters=adapters)
         return x
 
-    def prefill(self, token_ids, slots, cache):
+    def prefill(self, token_ids, slots, cache, adapters=None):
         """Right-padded prompts (p, T) -> hidden (p, T, d), with their keys/values written into rows `slots`.
 
         Pad tokens are written too, beyond each prompt's end; decoding overwrites them, and the
@@ -101,9 +102,10 @@ class GemmaBackbone(PresetModel):
         positions = ops.broadcast_to(ops.arange(t, dtype="int32")[None, :], (p, t))  # (p, T)
         masks = self._masks(positions[:, :, None], positions[:, None, :], None)
         write_index = (ops.convert_to_tensor(slots, "int32"), ops.zeros((p,), "int32"))  # rows, start positions
-        return self._run_layers(self._embed(token_ids), positions, masks, cache, write_index, read_cache=False)
+        return self._run_layers(self._embed(token_ids), positions, masks, cache, write_index, read_cache=False,
+                                adapters=adapters)
 
-    def decode(self, token_ids, positions, cache):
+    def decode(self, token_ids, positions, cache, adapters=None):
         """One token for each of the first B cache rows: token_ids (B, 1) at `positions` (B,) -> hidden (B, 1, d), cache.
 
         B may be fewer than the cache's rows; the rows beyond are neither read nor written.
@@ -114,7 +116,8 @@ class GemmaBackbone(PresetModel):
         key_positions = ops.arange(length, dtype="int32")[None, None, :]  # (1, 1, S)
         masks = self._masks(positions[:, None, None], key_positions, None)  # (B, 1, S)
         write_index = (ops.arange(rows, dtype="int32"), positions)  # every row, at its own position
-        return self._run_layers(self._embed(token_ids), positions[:, None], masks, cache, write_index, read_cache=True)
+        return self._run_layers(self._embed(token_ids), positions[:, None], masks, cache, write_index, read_cache=True,
+                                adapters=adapters)
 
     # ------------------------------------------------------------------ internals
 
@@ -133,13 +136,13 @@ class GemmaBackbone(PresetModel):
             masks[SLIDING] = ops.logical_and(causal, window)
         return masks
 
-    def _run_layers(self, x, positions, masks, cache=None, write_index=None, read_cache=False):
+    def _run_layers(self, x, positions, masks, cache=None, write_index=None, read_cache=False, adapters=None):
         rope = {kind: rotary.cos_sin(positions, inv, x.dtype) for kind, inv in self.inv_freq.items()}
         new_cache = []
         for i, (layer, kind) in enumerate(zip(self.decoder_layers, self.config.layer_types)):
             layer_cache = None if cache is None else (cache[2 * i], cache[2 * i + 1])
             x, layer_cache = layer(x, *rope[kind], masks[kind], cache=layer_cache, write_index=write_index,
-                                   read_cache=read_cache)
+                                   read_cache=read_cache, adapters=adapters)
             if cache is not None:
                 new_cache.extend(layer_cache)
         return self.norm(x), (tuple(new_cache) if cache is not None else None)
@@ -206,11 +209,11 @@ class GemmaCausalLM(PresetModel):
         self.stop_token_ids = frozenset(stop_token_ids if stop_token_ids is not None else config.eos_token_id)
         self.built = True
 
-    def call(self, token_ids, padding_mask=None, segment_ids=None):
+    def call(self, token_ids, padding_mask=None, segment_ids=None, adapters=None):
         """Token ids (b, t) -> logits (b, t, vocab); the inputs as `GemmaBackbone.call`'s (a dict of them too)."""
         if isinstance(token_ids, dict):
             return self.call(**token_ids)
-        return self.logits(self.backbone(token_ids, padding_mask, segment_ids))
+        return self.logits(self.backbone(token_ids, padding_mask, segment_ids, adapters=adapters))
 
     def logits(self, hidden):
         """Hidden states (..., d) -> logits (..., vocab), soft-capped if the config says so."""
@@ -230,17 +233,17 @@ class GemmaCausalLM(PresetModel):
 
     # ------------------------------------------------------------------ what the generation engine runs
 
-    def prefill(self, token_ids, lengths, slots, cache):
+    def prefill(self, token_ids, lengths, slots, cache, adapters=None):
         """Right-padded prompts (p, T) -> float32 logits at each prompt's last token (p, vocab), and the cache
-        with their keys and values written into rows `slots`."""
-        hidden, cache = self.backbone.prefill(token_ids, slots, cache)
+        with their keys and values written into rows `slots`; `adapters` (p,) as in `GemmaBackbone.call`."""
+        hidden, cache = self.backbone.prefill(token_ids, slots, cache, adapters)
         last = ops.convert_to_tensor(lengths, "int32") - 1
         hidden = ops.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]  # (p, d)
         return ops.cast(self.logits(hidden), "float32"), cache
 
-    def decode(self, token_ids, positions, cache):
+    def decode(self, token_ids, positions, cache, adapters=None):
         """One token per cache row (B, 1) at `positions` (B,) -> float32 logits (B, vocab), and the cache."""
-        hidden, cache = self.backbone.decode(token_ids, positions, cache)
+        hidden, cache = self.backbone.decode(token_ids, positions, cache, adapters)
         return ops.cast(self.logits(hidden[:, 0]), "float32"), cache
 
     def empty_cache(self, rows: int, length: int) -> tuple:
