@@ -125,6 +125,29 @@ def test_batched_prompts_match_alone(folders, models):
         assert r.tokens == hf_greedy(ref, p, NEW)
 
 
+def test_choices_of_one_prompt_share_its_prefill_and_sample_as_alone(models):
+    """Requests of the same prompt admitted together: one prefill row, the others' cache rows copied from it."""
+    lm = models["gemma2"]
+    prompt, other = lm.tokenizer.encode("def add(a, b):"), lm.tokenizer.encode("import")
+    seeded = [Sampler(temperature=0.9, top_k=50, seed=s) for s in range(3)]
+    engine = lm.engine(8, 64)
+    prefill, copy_rows, seen = engine.steps.prefill, engine.steps.copy_rows, []
+    engine.steps.prefill = lambda tokens, *rest: seen.append(("prefill", len({tuple(t) for t in tokens}))) or prefill(
+        tokens, *rest)  # the distinct rows prefilled (a batch is padded with repeats)
+    engine.steps.copy_rows = lambda cache, src, dst: seen.append(("copy", len(set(dst)))) or copy_rows(cache, src, dst)
+    requests = [engine.submit(prompt, 10, s, stop_ids=()) for s in seeded] + [engine.submit(other, 10, stop_ids=())]
+    for _ in engine.run(requests):
+        pass
+    assert seen[:2] == [("prefill", 2), ("copy", 2)]  # two distinct prompts prefilled; two rows copied
+    single = lm.engine(1, 64)
+    for sampler, r in zip([*seeded, Sampler()], requests):
+        alone = single.submit(r.prompt_ids, 10, sampler, stop_ids=())
+        for _ in single.run([alone]):
+            pass
+        assert alone.tokens == r.tokens
+    assert len({tuple(r.tokens) for r in requests[:3]}) == 3
+
+
 def test_requests_join_and_leave_a_running_batch(models):
     lm = models["gemma2"]
     alone = {}

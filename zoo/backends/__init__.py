@@ -20,6 +20,10 @@ backend runs; the rest of the package is `keras.ops`. Each backend module provid
   or None, `adopts_host_buffers()` and `read_ahead_threads(bounded)`.
 - `track_weights(layer, variables)`, `untrack_weights(layer, variables)`: weights added to a built
   layer (LoRA adapters) or removed from it, made known to the framework's own module where it keeps one.
+- Export: `EXPORTS`, the formats of Keras' `export` that give these models back exactly on this
+  backend (`zoo.models.exporting` makes the others it can on TensorFlow), `exporting()`, a
+  context within which kernels take forms every exporter converts, and `export_options(format)`,
+  the exporter's options for a batch of any size.
 """
 
 import contextlib
@@ -41,6 +45,7 @@ write_slices, compile_step, make_predict_function = (_current.write_slices, _cur
 placeholder, set_value, read_mapped = _current.placeholder, _current.set_value, _current.read_mapped
 adopts_host_buffers, read_ahead_threads = _current.adopts_host_buffers, _current.read_ahead_threads
 ATTENTION_KERNELS = _current.ATTENTION_KERNELS
+EXPORTS, exporting, export_options = _current.EXPORTS, _current.exporting, _current.export_options
 track_weights, untrack_weights = _current.track_weights, _current.untrack_weights
 TRAIN_JIT_COMPILE = _current.TRAIN_JIT_COMPILE  # what `compile(jit_compile="auto")` means for keras-zoo's models
 _forced: str | None = None  # use_attention's kernel

@@ -1,5 +1,6 @@
 """JAX: `jax.jit` steps over the weights' values, `device_put` of aligned host buffers, XLA:CPU's fast paths."""
 
+import contextlib
 import functools
 
 import jax
@@ -63,6 +64,19 @@ def compile_step(model, fn, cache_arg: int | None):
 
 def make_predict_function(model, make):
     return make()
+
+
+# ----------------------------------------------------------------------------- export
+
+
+# Keras' exporters on JAX go through jax2tf, whose StableHLO (jax 0.10: `vhlo.composite_v2` for erf) the
+# installed TensorFlow cannot read back: `zoo.models.exporting` makes those formats on TensorFlow instead.
+EXPORTS = ()  # Keras' exporters that give these models back exactly on this backend
+
+
+def export_options(format: str) -> dict:
+    return {}  # Keras' defaults: a batch of any size
+exporting = contextlib.nullcontext
 
 
 # ----------------------------------------------------------------------------- loading weights

@@ -1,5 +1,6 @@
 """TensorFlow: `tf.function(jit_compile=True)` steps, oneDNN's fused kernels on a CPU, aligned buffers adopted by DLPack."""
 
+import contextlib
 import functools
 
 import numpy as np
@@ -35,7 +36,30 @@ def linear(x, weight, bias):
 
 
 def gelu(x):
+    if _portable:  # ONNX has Erf but not the Erfc that tf.nn.gelu's exact form is written with
+        return 0.5 * x * (1.0 + tf.math.erf(x * 0.7071067811865476))
     return tf.nn.gelu(x, approximate=False)  # the exact form oneDNN's rewrite fuses into MatMul + BiasAdd
+
+
+_portable = False
+
+
+@contextlib.contextmanager
+def exporting():
+    """Within this block kernels take forms every exporter converts (see `gelu`)."""
+    global _portable
+    previous, _portable = _portable, True
+    try:
+        yield
+    finally:
+        _portable = previous
+
+
+EXPORTS = ("tf_saved_model", "onnx")  # Keras' exporters that give these models back exactly on this backend
+
+
+def export_options(format: str) -> dict:
+    return {}  # Keras' defaults: a batch of any size
 
 
 # TensorFlow's own softmax is one kernel (a ViT-B/16 layer at batch 8: 41 ms against 53 ms for the

@@ -153,6 +153,20 @@ def make_predict_function(model, make):
     return one_step_on_data
 
 
+# ----------------------------------------------------------------------------- export
+
+
+# Keras' ONNX exporter on PyTorch (torch.onnx's dynamo exporter) fails on these models' shape arithmetic;
+# `zoo.models.exporting` makes ONNX and SavedModels on TensorFlow instead.
+EXPORTS = ("torch",)  # Keras' exporters that give these models back exactly on this backend
+exporting = contextlib.nullcontext
+
+
+def export_options(format: str) -> dict:
+    """A torch.export program takes a batch of any size, as the other formats do (Keras' default fixes it at 1)."""
+    return {"dynamic_shapes": {0: torch.export.Dim("batch", min=1)}, "strict": False} if format == "torch" else {}
+
+
 # ----------------------------------------------------------------------------- loading weights
 
 

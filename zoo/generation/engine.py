@@ -205,6 +205,8 @@ class GenerationEngine:
         for rows in self.decode_rows():
             _, self.cache = decode(np.zeros((rows, 1), np.int32), np.zeros((rows,), np.int32), self.cache,
                                    *self._adapters(np.zeros(rows)))
+            if self.rows > 1:  # copies of a prompt's rows (choices of one prompt), as many as decode rows
+                self.cache = self.steps.copy_rows(self.cache, np.zeros((rows,), np.int32), np.zeros((rows,), np.int32))
 
     def cancel(self, request: Request) -> None:
         """Stops a request; its slot is free for the next step."""
@@ -294,8 +296,12 @@ class GenerationEngine:
                 self._score_prompt(r)
             by_bucket[bucket(len(r.prompt_ids), self.length)].append(r)
         for width, group in sorted(by_bucket.items()):
-            batch = bucket(len(group), self.rows) if len(group) > 1 else 1
-            padded = group + [group[0]] * (batch - len(group))  # repeats write the same rows again
+            first = {}  # a prompt (with its adapter) -> the row that prefills it; more requests of it copy that row
+            for r in group:
+                first.setdefault((tuple(r.prompt_ids), r.adapter_slot), r)
+            unique = list(dict.fromkeys(first.values()))
+            batch = bucket(len(unique), self.rows) if len(unique) > 1 else 1
+            padded = unique + [unique[0]] * (batch - len(unique))  # repeats write the same rows again
             tokens = np.zeros((batch, width), np.int32)
             for row, r in enumerate(padded):
                 tokens[row, : len(r.prompt_ids)] = r.prompt_ids
@@ -304,7 +310,14 @@ class GenerationEngine:
             adapters = self._adapters([r.adapter_slot for r in padded])
             logits, self.cache = self.steps.prefill(tokens, lengths, slots, self.cache, *adapters)
             logits = ops.convert_to_numpy(logits)
-            events += [self._accept(r, logits[row]) for row, r in enumerate(group)]
+            copies = [(first[tuple(r.prompt_ids), r.adapter_slot], r) for r in group if r not in unique]
+            if copies:
+                n = self._rows_for(len(copies))
+                pairs = copies + [copies[0]] * (n - len(copies))
+                sources = np.array([source.slot for source, _ in pairs], np.int32)
+                self.cache = self.steps.copy_rows(self.cache, sources, np.array([r.slot for _, r in pairs], np.int32))
+            row_of = {id(r): row for row, r in enumerate(unique)}
+            events += [self._accept(r, logits[row_of[id(first[tuple(r.prompt_ids), r.adapter_slot])]]) for r in group]
         return events
 
     def _score_prompt(self, r: Request) -> None:

@@ -5,15 +5,25 @@ weights it was made with, so `refresh()` makes them again once the set of weight
 (`enable_lora`) or the active adapter has (`set_adapter`); engines refresh per `run` and `warm_up`, not per step (listing weights costs ~0.5 ms).
 """
 
+from keras import ops
+
 from zoo import backends
 
+
+def copy_rows(cache, sources, targets):
+    """The cache with rows `targets` (n,) made copies of rows `sources` (n,): choices of one prompt share its prefill."""
+    starts = ops.zeros_like(targets)
+    return tuple(backends.write_slices(c, targets, starts, ops.take(c, sources, axis=0)) for c in cache)
+
+
 class CompiledSteps:
-    """`prefill(token_ids, lengths, slots, cache)` and `decode(token_ids, positions, cache)`, compiled."""
+    """`prefill(token_ids, lengths, slots, cache)`, `decode(token_ids, positions, cache)` and
+    `copy_rows(cache, sources, targets)`, compiled."""
 
     def __init__(self, model):
         self.model = model
         self._signature = None
-        self.prefill = self.decode = None
+        self.prefill = self.decode = self.copy_rows = None
         self.refresh()
 
     def refresh(self) -> None:
@@ -21,6 +31,7 @@ class CompiledSteps:
         if signature != self._signature:
             self.prefill = backends.compile_step(self.model, self.model.prefill, cache_arg=3)
             self.decode = backends.compile_step(self.model, self.model.decode, cache_arg=2)
+            self.copy_rows = backends.compile_step(self.model, copy_rows, cache_arg=0)
             self._signature = signature
 
 

@@ -14,6 +14,7 @@ from zoo.checkpoint import DEFAULT_MAX_SHARD_SIZE, write_checkpoint
 from zoo.errors import AdapterError
 from zoo.files import write_json
 from zoo.key_map import export, weights_by_path
+from zoo.models import exporting
 from zoo.models import register_all
 
 SOURCE_FILE = "zoo_source.json"  # where save_preset records the hub revision a model came from
@@ -113,14 +114,17 @@ class PresetModel(keras.Model):
         lora.merge(self, name)
 
     def export(self, filepath, format="tf_saved_model", verbose=None, input_signature=None, **kwargs):
-        """Keras' `export`, with this model's own input signature when none is given.
+        """Writes the model for other runtimes: `"tf_saved_model"` and `"onnx"` on every backend, `"torch"`
+        (a `torch.export` program) on PyTorch (`zoo.models.exporting`); another format is refused up front.
 
         Keras infers a subclassed model's signature from its first call; these models know their
         inputs from the config and may not have been called yet (`_export_signature`).
         """
-        if input_signature is None:
-            input_signature = self._export_signature()
-        return super().export(filepath, format=format, verbose=verbose, input_signature=input_signature, **kwargs)
+        exporting.check(format)
+        own = input_signature is None and format in backends.EXPORTS
+        signature = self._export_signature() if own else input_signature
+        return exporting.export(self, filepath, format, verbose, signature,
+                                super(PresetModel, self).export, **kwargs)
 
     @classmethod
     def from_preset(cls, preset: str | os.PathLike, *, dtype: str | None = None, **kwargs) -> "PresetModel":
