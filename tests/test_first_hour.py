@@ -98,6 +98,18 @@ def test_commands_print_nothing_but_their_own_lines_on_stderr(tmp_path, args):
     assert proc.stderr.splitlines() == [f"zoo: {backend} backend on cpu"], proc.stderr[-2000:]
 
 
+@pytest.mark.skipif(os.environ.get("KERAS_BACKEND", "jax") != "tensorflow", reason="the warning is tf.function's")
+def test_a_warmed_up_engine_warns_of_no_retracing(tmp_path):
+    """An engine compiles one program per shape bucket by design; on TensorFlow that once meant a retracing
+    warning per few shapes in every server log. Library code, so the user's own process: nothing on stderr."""
+    backend = os.environ.get("KERAS_BACKEND", "jax")
+    code = ("import zoo\nlm = zoo.GemmaCausalLM.from_preset('gemma_tiny_pycode')\nlm.engine(8, 128).warm_up()\n"
+            "print(lm.generate(['def a', 'import os'], max_new_tokens=3))\n")
+    proc = run([], tmp_path, backend, code)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "retracing" not in proc.stderr, proc.stderr[-2000:]
+
+
 def test_every_subpackage_is_in_the_distribution():
     import tomllib
     from pathlib import Path

@@ -2,6 +2,7 @@
 
 import contextlib
 import functools
+import logging
 
 import numpy as np
 import tensorflow as tf
@@ -82,8 +83,24 @@ write_slices = _xla.write_slices
 # ----------------------------------------------------------------------------- compiled steps
 
 
+class _StepRetracing(logging.Filter):
+    """Drops TensorFlow's retracing warning about keras-zoo's compiled steps, which trace once per shape bucket
+    by design (an engine warms up dozens); the warning stays for every other function."""
+
+    names: set = set()
+
+    def filter(self, record) -> bool:
+        message = record.getMessage()
+        return "triggered tf.function retracing" not in message or not any(n in message for n in self.names)
+
+
+_RETRACING = _StepRetracing()
+tf.get_logger().addFilter(_RETRACING)
+
+
 def compile_step(model, fn, cache_arg: int | None):
     """`tf.function(jit_compile=True)`, which reads the variables by reference."""
+    _RETRACING.names.add(f"{getattr(fn, '__qualname__', fn)} ")  # as the warning names it: "<function name at"
     return tf.function(fn, jit_compile=True, reduce_retracing=False)
 
 
