@@ -186,6 +186,29 @@ def test_rows_of_a_mixed_batch_match_each_adapter_alone(adapters):
                                    atol=2e-5, rtol=1e-5)
 
 
+def test_an_adapter_of_modules_no_other_adapts_joins_a_running_engine(adapters, expected):
+    """Loading it gives those modules a bank (new weights): the engine's compiled steps are made again."""
+    lm = zoo.GemmaCausalLM.from_preset(BASE)
+    bank = AdapterBank(lm, max_loras=2, max_rank=8)
+    bank.load("sql", adapters["sql"])  # q_proj, v_proj
+    engine = lm.engine(2, 64)
+
+    def answer(prompt, adapter):
+        request = engine.submit(lm.tokenizer.encode(prompt), 10, adapter=adapter)
+        while not request.finished:  # step() as a server's scheduler calls it (run() would refresh the steps)
+            engine.step()
+        return request.text
+
+    assert answer(PROMPTS[1], "sql") == expected["sql"][PROMPTS[1]]
+    version = bank.version
+    bank.load("py", adapters["py"])  # q_proj and down_proj: down_proj is new
+    assert bank.version == version + 1
+    assert answer(PROMPTS[2], "py") == expected["py"][PROMPTS[2]]
+    assert answer(PROMPTS[2], None) == expected[None][PROMPTS[2]]
+    with pytest.raises(zoo.errors.GenerationError, match="no adapter named 'nope'"):
+        engine.submit([2, 3], 4, adapter="nope")
+
+
 def test_a_slot_is_reused_only_when_its_requests_finished(adapters):
     lm = zoo.GemmaCausalLM.from_preset(BASE)
     bank = AdapterBank(lm, max_loras=1, max_rank=8)
