@@ -60,7 +60,8 @@ def presets_dir() -> Path:
     return Path(__file__).resolve().parent
 
 
-def _card(path: Path) -> PresetCard:
+def read_card(path: Path) -> PresetCard:
+    """One card from its TOML file, every field checked (the docs site reads the cards with it too)."""
     try:
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
@@ -82,7 +83,7 @@ def _card(path: Path) -> PresetCard:
 def _all_cards() -> dict[str, PresetCard]:
     cards = {}
     for path in sorted(presets_dir().glob("*.toml")):
-        card = _card(path)
+        card = read_card(path)
         if card.name in cards:
             raise ConfigError(f"{path}: preset name {card.name!r} is used twice")
         cards[card.name] = card

@@ -1,0 +1,89 @@
+"""mkdocs hook: the pages made from the repository at build time, so no page is a hand-kept copy.
+
+- `catalogue/index.md` and `catalogue/<name>.md`: one row and one page per card in `presets/*.toml`
+  (read with `zoo.presets.read_card`, beside the `mkdocs.yml` being built);
+- `reference/cli.md`: every `zoo` command's usage, from the CLI's own argparse parser.
+"""
+
+import argparse
+from pathlib import Path
+
+from mkdocs.structure.files import File
+
+TASK_GUIDES = {"GemmaCausalLM": "../guides/generate.md", "ViTImageClassifier": "../guides/classify.md"}
+
+
+def on_files(files, config):
+    root = Path(config.config_file_path).parent
+    for path, text in [*catalogue(root / "presets"), ("reference/cli.md", cli_reference())]:
+        files.append(File.generated(config, path, content=text))
+    return files
+
+
+# ----------------------------------------------------------------------------- the catalogue
+
+
+def cards(folder: Path) -> list:
+    from zoo.presets import read_card
+
+    return [read_card(path) for path in sorted(folder.glob("*.toml"))]
+
+
+def catalogue(folder: Path) -> list[tuple[str, str]]:
+    found = cards(folder)
+    rows = ["# Model catalogue", "",
+            f"{len(found)} presets, one per card in `presets/`. Every name works in `from_preset`, `zoo generate`/"
+            "`zoo classify --preset` and `zoo serve`; bundled ones ship inside the package and work offline.", "",
+            "| name | task | parameters | license | gated | sources |", "|---|---|---:|---|---|---|"]
+    for card in found:
+        sources = "bundled" if card.bundled else ", ".join(f"`{s}`" for s in card.sources)
+        rows.append(f"| [{card.name}]({card.name}.md) | {card.task} | {card.params:,} | {card.license} "
+                    f"| {'yes' if card.gated else 'no'} | {sources} |")
+    pages = [("catalogue/index.md", "\n".join(rows) + "\n")]
+    pages += [(f"catalogue/{card.name}.md", card_page(card)) for card in found]
+    return pages
+
+
+def card_page(card) -> str:
+    lines = [f"# {card.name}", "", card.description, "",
+             "| | |", "|---|---|", f"| task | `{card.task}` ([guide]({TASK_GUIDES.get(card.task, '../index.md')})) |",
+             f"| parameters | {card.params:,} |", f"| license | {card.license} |",
+             f"| gated | {'yes: accept the license on the hub and log in first' if card.gated else 'no'} |",
+             f"| bundled | {'yes, works offline' if card.bundled else 'no, downloaded on first use'} |"]
+    if card.base:
+        lines.append(f"| adapter over | [{card.base}]({card.base}.md) |")
+    if card.sources:
+        lines += ["", "Sources, tried in order:", ""]
+        lines += [f"- `{s}`" + (f" at revision `{card.revisions[s]}`" if s in card.revisions else "") for s in card.sources]
+    python = f'import zoo\n\nmodel = zoo.{card.task}.from_preset("{card.name}")\n'
+    if card.task == "GemmaCausalLM":
+        python += 'print(model.generate("def add(a, b):", max_new_tokens=32))\n'
+        command = f'zoo generate "def add(a, b):" --preset {card.name} --max-new-tokens 32'
+    else:
+        python += 'print(model.predict_labels(["image.png"], top_k=3))\n'
+        command = f"zoo classify image.png --preset {card.name} --top-k 3"
+    lines += ["", "## Use it", "", "```python", python.rstrip(), "```", "", "```bash", command,
+              f"zoo serve {card.name}", "```", ""]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+
+def cli_reference() -> str:
+    from zoo.cli import parser
+
+    lines = ["# Command line", "", "Generated from `zoo`'s own argument parser: what `zoo COMMAND --help` prints.", ""]
+    for name, command in commands(parser(), "zoo"):
+        lines += [f"## `{name}`", "", "```text", command.format_help().rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+def commands(p: argparse.ArgumentParser, name: str):
+    """(name, parser) for the program and every subcommand, depth first (argparse lists subparsers only
+    through its actions)."""
+    yield name, p
+    for action in p._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub_name, sub in action.choices.items():
+                yield from commands(sub, f"{name} {sub_name}")
