@@ -3,6 +3,7 @@
 import html
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -71,3 +72,35 @@ def test_a_new_card_appears_after_a_rebuild(tmp_path):
     page = text_of(tmp_path / "site" / "catalogue" / "my_new_vit" / "index.html")
     assert "12,345" in page and "MIT" in page and "hf://someone/my-new-vit" in page
     assert "my_new_vit" in (tmp_path / "site" / "catalogue" / "index.html").read_text()
+
+
+CODE = re.compile(r'<div class="language-(\w+) highlight"><pre>(.*?)</pre></div>', re.S)
+BUNDLED = [card.name for card in list_presets() if card.bundled]
+
+
+def examples(page: Path) -> list[tuple[str, str]]:
+    """(language, code) of each code block of a built page."""
+    return [(lang, html.unescape(re.sub(r"<[^>]+>", "", body))) for lang, body in CODE.findall(page.read_text())]
+
+
+def test_the_sites_own_examples_on_the_bundled_presets_run(site, tmp_path):
+    """The home page's tour, the export guide and the bundled presets' catalogue pages, run as pasted (the
+    Python blocks in one process, each in a fresh namespace; each `zoo generate`/`zoo classify` line on its own).
+    The guides included from the README also use hub handles and your own files, and are not run here."""
+    pages = [site / "index.html", site / "guides" / "export" / "index.html",
+             *[site / "catalogue" / name / "index.html" for name in BUNDLED]]
+    blocks = [(page, lang, code) for page in pages for lang, code in examples(page)]
+    python = [code for _, lang, code in blocks if lang == "python"]
+    commands = [line for _, lang, code in blocks if lang == "bash" for line in code.splitlines()
+                if line.startswith(("zoo generate", "zoo classify"))]
+    assert len(python) >= 2 + len(BUNDLED) and len(commands) == len(BUNDLED)
+    runner = "import sys\nfor code in sys.argv[1:]:\n    exec(compile(code, '<docs>', 'exec'), {})\n"
+    env = dict(os.environ, KERAS_BACKEND="jax")
+    done = subprocess.run([sys.executable, "-c", runner, *python], cwd=tmp_path, capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for command in commands:
+        args = shlex.split(command)
+        done = subprocess.run([sys.executable, "-m", "zoo.cli", *args[1:]], cwd=tmp_path, capture_output=True,
+                              text=True, env=env, timeout=300)
+        assert done.returncode == 0 and done.stdout.strip(), (command, done.stderr[-2000:])

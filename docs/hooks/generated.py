@@ -60,8 +60,10 @@ def card_page(card) -> str:
         python += 'print(model.generate("def add(a, b):", max_new_tokens=32))\n'
         command = f'zoo generate "def add(a, b):" --preset {card.name} --max-new-tokens 32'
     else:
-        python += 'print(model.predict_labels(["image.png"], top_k=3))\n'
-        command = f"zoo classify image.png --preset {card.name} --top-k 3"
+        python = ("import numpy as np\n" + python + "image = np.zeros((64, 64, 3), np.uint8)  # an RGB array or an "
+                  "image file's path, resized as the checkpoint says\nprint(model.predict_labels([image], top_k=3))\n")
+        images = "--samples" if card.bundled else "image.png"  # a bundled preset ships sample images
+        command = f"zoo classify {images} --preset {card.name} --top-k 3"
     lines += ["", "## Use it", "", "```python", python.rstrip(), "```", "", "```bash", command,
               f"zoo serve {card.name}", "```", ""]
     return "\n".join(lines)
