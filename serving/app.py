@@ -19,6 +19,7 @@ Example:
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import hmac
 import json
 import logging
@@ -198,6 +199,7 @@ class Server:
 
     # plumbing
     def endpoint(self, route: str, handler, protected: bool = True):
+        @functools.wraps(handler)  # the route keeps the handler's docstring (the docs' server reference reads it)
         async def wrapped(request: Request):
             started = time.perf_counter()
             try:
@@ -282,11 +284,13 @@ class Server:
 
     # routes
     async def health(self, request: Request):
+        """200 {"status": "ok", "models": [...]} once every model is loaded and warmed up; 503 before. No API key."""
         if not self.ready.is_set():
             return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "1"})
         return JSONResponse({"status": "ok", "models": sorted(self.served())})
 
     async def metrics_route(self, request: Request):
+        """Prometheus metrics: requests by route and status, latency, tokens, time to first token, batch use."""
         return Response(self.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     def model_card(self, name: str) -> dict:
@@ -305,9 +309,11 @@ class Server:
         return list(self.models) + list(self.adapters)
 
     async def list_models(self, request: Request):
+        """The served models and adapters (OpenAI's list; vLLM's `root` and `parent`)."""
         return JSONResponse({"object": "list", "data": [self.model_card(name) for name in self.served()]})
 
     async def retrieve_model(self, request: Request):
+        """One model's card, or a 404 listing the served ones."""
         name = request.path_params["model"]
         if name not in self.models and name not in self.adapters:
             raise APIError(404, f"The model '{name}' does not exist; models: {', '.join(sorted(self.served()))}",
@@ -348,9 +354,11 @@ class Server:
                                 "NAME=PATH) to load them at run time", code="lora_disabled")
 
     async def completions(self, request: Request):
+        """Text completions: `prompt` (a string, token ids, or a list of either), `logprobs`, `echo`, `n`, `stream`."""
         return await completions.generate(self, request, chat=False)
 
     async def chat_completions(self, request: Request):
+        """Chat completions through the model's chat template: `messages`, `logprobs`/`top_logprobs`, `n`, `stream`."""
         return await completions.generate(self, request, chat=True)
 
     async def events(self, request: Request, name: str, scheduler: GenerationScheduler, ticket, streaming=False):
@@ -388,6 +396,7 @@ class Server:
                 scheduler.cancel(ticket)
 
     async def classify(self, request: Request):
+        """Image classification: JSON `{"model", "images": [base64], "top_k"}` or a multipart upload (`image`)."""
         content_type = request.headers.get("content-type", "")
         if content_type.startswith("multipart/form-data"):
             self.check_declared_size(request)

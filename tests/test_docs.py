@@ -54,6 +54,10 @@ def test_references_and_guides_are_there(site):
     api = (site / "reference" / "api" / "index.html").read_text()
     assert "AdapterBank" in api and "from_preset" in api and "GemmaCausalLM" in api
     assert "/v1/load_lora_adapter" in text_of(site / "guides" / "serve" / "index.html")
+    server = text_of(site / "reference" / "server" / "index.html")  # generated from the app and its field sets
+    for route in ("/v1/completions", "/v1/chat/completions", "/v1/classify", "/v1/unload_lora_adapter", "/health"):
+        assert route in server
+    assert "top_logprobs" in server and "max_lora_rank" in server
 
 
 def test_a_new_card_appears_after_a_rebuild(tmp_path):

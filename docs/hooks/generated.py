@@ -2,10 +2,13 @@
 
 - `catalogue/index.md` and `catalogue/<name>.md`: one row and one page per card in `presets/*.toml`
   (read with `zoo.presets.read_card`, beside the `mkdocs.yml` being built);
-- `reference/cli.md`: every `zoo` command's usage, from the CLI's own argparse parser.
+- `reference/cli.md`: every `zoo` command's usage, from the CLI's own argparse parser;
+- `reference/server.md`: `zoo serve`'s routes (from the app itself), the fields each generation route
+  takes (`zoo.serving.protocol`) and the server's settings (`ServerConfig`).
 """
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from mkdocs.structure.files import File
@@ -15,7 +18,9 @@ TASK_GUIDES = {"GemmaCausalLM": "../guides/generate.md", "ViTImageClassifier": "
 
 def on_files(files, config):
     root = Path(config.config_file_path).parent
-    for path, text in [*catalogue(root / "presets"), ("reference/cli.md", cli_reference())]:
+    pages = [*catalogue(root / "presets"), ("reference/cli.md", cli_reference()),
+             ("reference/server.md", server_reference())]
+    for path, text in pages:
         files.append(File.generated(config, path, content=text))
     return files
 
@@ -89,3 +94,25 @@ def commands(p: argparse.ArgumentParser, name: str):
         if isinstance(action, argparse._SubParsersAction):
             for sub_name, sub in action.choices.items():
                 yield from commands(sub, f"{name} {sub_name}")
+
+
+# ----------------------------------------------------------------------------- the server
+
+
+def server_reference() -> str:
+    from zoo.serving import ServerConfig, create_app
+    from zoo.serving.protocol import CHAT_FIELDS, COMPLETION_FIELDS
+
+    app = create_app({}, ServerConfig())
+    lines = ["# Server", "", "`zoo serve`'s routes, generated from the app. Errors are OpenAI's JSON "
+             '(`{"error": {"message", "type", "param", "code"}}`); with `--api-key` every route but `/health` '
+             "needs `Authorization: Bearer KEY`.", "", "| route | method | what it does |", "|---|---|---|"]
+    for route in app.routes:
+        doc = " ".join((route.endpoint.__doc__ or "").split())
+        lines.append(f"| `{route.path}` | {', '.join(sorted(route.methods - {'HEAD'}))} | {doc} |")
+    for title, fields in (("/v1/completions", COMPLETION_FIELDS), ("/v1/chat/completions", CHAT_FIELDS)):
+        lines += ["", f"## Fields of `{title}`", "", ", ".join(f"`{f}`" for f in sorted(fields))]
+    lines += ["", "## Settings", "", "`zoo serve`'s options set these (`zoo serve --help`).", "",
+              "| setting | default |", "|---|---|"]
+    lines += [f"| `{f.name}` | `{f.default!r}` |" for f in dataclasses.fields(ServerConfig)]
+    return "\n".join(lines) + "\n"
