@@ -7,9 +7,9 @@ multipart upload), and with LoRA enabled vLLM's `POST /v1/load_lora_adapter` and
 `POST /v1/unload_lora_adapter`. Every error is OpenAI's error JSON: `{"error": {"message", "type",
 "param", "code"}}`.
 
-Adapters (`--lora NAME=PATH`) are served over their base model's scheduler: a request whose `model`
-names an adapter runs in the same continuous batch as the base's and the other adapters' requests
-(`zoo.lora.bank`).
+Adapters (`--lora NAME=PATH`; `serving/adapters.py`) are served over their base model's scheduler: a
+request whose `model` names an adapter runs in the same continuous batch as the base's and the other
+adapters' requests (`zoo.lora.bank`).
 
 Example:
     >>> app = create_app(load_models(["gemma_tiny_pycode"]), ServerConfig())  # doctest: +SKIP
@@ -33,12 +33,12 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from zoo import backends, hub, loader
-from zoo.errors import AdapterError, ConfigError, ImageError, ZooError
-from zoo.lora.bank import AdapterBank
+from zoo import backends, hub
+from zoo.errors import ConfigError, ImageError, ZooError
 from zoo.models.fields import Fields
 from zoo.serving.metrics import CONTENT_TYPE_LATEST, Metrics
 from zoo.serving import completions
+from zoo.serving.adapters import Lora, ServedAdapters
 from zoo.serving.protocol import APIError, base64_images, decode_image, field
 from zoo.serving.scheduler import ClassificationScheduler, GenerationScheduler, QueueFull
 
@@ -106,20 +106,9 @@ def check_port(host: str, port: int) -> None:
 # ----------------------------------------------------------------------------- the app
 
 
-@dataclass(frozen=True)
-class Lora:
-    """An adapter to serve from start-up: its name, source (folder or handle) and base model (None: the one
-    generation model, or the base the adapter names)."""
-
-    name: str
-    source: str
-    base: str | None = None
-
-
 class Server:
     def __init__(self, models: dict, config: ServerConfig, loras: list[Lora] = ()):
         self.config, self.models, self.metrics = config, models, Metrics()
-        self.adapters: dict[str, str] = {}  # served adapter -> its base model's name
         self.generators: dict[str, GenerationScheduler] = {}
         self.classifiers: dict[str, ClassificationScheduler] = {}
         for name, model in models.items():
@@ -131,16 +120,7 @@ class Server:
                                                                  metrics=self.metrics, name=name)
             else:
                 raise ZooError(f"model {name!r} ({type(model).__name__}) has no task the server can serve")
-        self.banks: dict[str, AdapterBank] = {}
-        if config.enable_lora or loras:
-            if not self.generators:
-                raise ConfigError("LoRA adapters are served over a text generation model; none is served")
-            if len(loras) > config.max_loras * len(self.generators):
-                raise ConfigError(f"{len(loras)} adapters given, but --max-loras is {config.max_loras}")
-            self.banks = {name: AdapterBank(s.lm, config.max_loras, config.max_lora_rank)
-                          for name, s in self.generators.items()}
-            for lora in loras:
-                self.load_adapter(lora)
+        self.lora = ServedAdapters(self.generators, config, loras, taken=set(models), read_body=self.json_body)
         self.ready = threading.Event()
         self.created = int(time.time())
 
@@ -161,41 +141,10 @@ class Server:
         for s in [*self.generators.values(), *self.classifiers.values()]:
             s.stop()
 
-    # adapters
-    def load_adapter(self, lora: Lora) -> str:
-        """Loads an adapter over its base model (checked against it); returns the base's name."""
-        if lora.name in self.models or lora.name in self.adapters:
-            raise AdapterError(f"the name {lora.name!r} is taken by a served model; pick another name")
-        base = lora.base or self._base_of(lora.source)
-        if base not in self.banks:
-            raise AdapterError(f"adapter {lora.name!r}: its base {base!r} is not a served text generation model "
-                               f"({', '.join(sorted(self.banks))})")
-        self.banks[base].load(lora.name, lora.source)
-        self.adapters[lora.name] = base
-        log.info("adapter %s (%s) served over %s", lora.name, self.banks[base].source(lora.name), base)
-        return base
-
-    def unload_adapter(self, name: str) -> None:
-        """Stops serving an adapter; requests running with it finish with it."""
-        base = self.adapters.pop(name)
-        self.banks[base].unload(name)
-        log.info("adapter %s unloaded from %s", name, base)
-
-    def _base_of(self, source: str) -> str:
-        """The served model an adapter applies to: the one generation model, else the one its folder names."""
-        if len(self.banks) == 1:
-            return next(iter(self.banks))
-        try:
-            named, _ = loader.adapter_base(hub.resolve(source, adapter=True))
-        except ZooError:
-            named = None
-        found = [name for name in self.banks if named and hub.short_name(named) == name] or [
-            name for name, s in self.generators.items() if named and (getattr(s.lm, "source", None) or {}).get("handle") == named]
-        if len(found) != 1:
-            raise AdapterError(f"adapter from {hub.short_name(source)}: name its base among the served models "
-                               f"({', '.join(sorted(self.banks))}), e.g. --lora-modules "
-                               '\'{"name": ..., "path": ..., "base_model_name": ...}\'')
-        return found[0]
+    @property
+    def adapters(self) -> dict[str, str]:
+        """The served adapters and the model each is served over."""
+        return self.lora.bases
 
     # plumbing
     def endpoint(self, route: str, handler, protected: bool = True):
@@ -297,7 +246,7 @@ class Server:
         """vLLM's model card: an adapter has its base as `parent` and where it was loaded from as `root`."""
         base = self.adapters.get(name)
         if base is not None:
-            root = self.banks[base].source(name)
+            root = self.lora.source(name)
         else:
             root = name
         model = base or name
@@ -319,39 +268,6 @@ class Server:
             raise APIError(404, f"The model '{name}' does not exist; models: {', '.join(sorted(self.served()))}",
                            param="model", code="model_not_found")
         return JSONResponse(self.model_card(name))
-
-    async def load_lora_adapter(self, request: Request):
-        """vLLM's route: {"lora_name", "lora_path"} (and our "base_model_name" where several models are served)."""
-        body = await self.json_body(request)
-        self._check_lora_enabled()
-        name = field(body, "lora_name", str, required=True, message="the adapter's name")
-        path = field(body, "lora_path", str, required=True, message="a folder or handle of a PEFT adapter")
-        base = field(body, "base_model_name", str, message="the name of a served model")
-        if name in self.adapters:
-            raise APIError(400, f"The lora adapter '{name}' has already been loaded; unload it first",
-                           param="lora_name", code="lora_exists")
-        try:
-            await asyncio.to_thread(self.load_adapter, Lora(name, path, base))
-        except ZooError as e:
-            raise APIError(400, str(e), param="lora_path") from None
-        return Response(f"Success: LoRA adapter '{name}' added successfully.", media_type="text/plain")
-
-    async def unload_lora_adapter(self, request: Request):
-        """vLLM's route: {"lora_name"}; requests running with the adapter finish with it."""
-        body = await self.json_body(request)
-        self._check_lora_enabled()
-        name = field(body, "lora_name", str, required=True, message="the adapter's name")
-        if name not in self.adapters:
-            raise APIError(404, f"The lora adapter '{name}' cannot be found; loaded: "
-                                f"{', '.join(sorted(self.adapters)) or 'none'}", param="lora_name",
-                           code="lora_not_found")
-        self.unload_adapter(name)
-        return Response(f"Success: LoRA adapter '{name}' removed successfully.", media_type="text/plain")
-
-    def _check_lora_enabled(self) -> None:
-        if not self.banks:
-            raise APIError(400, "this server serves no LoRA adapters; start it with --enable-lora (or --lora "
-                                "NAME=PATH) to load them at run time", code="lora_disabled")
 
     async def completions(self, request: Request):
         """Text completions: `prompt` (a string, token ids, or a list of either), `logprobs`, `echo`, `n`, `stream`."""
@@ -455,8 +371,8 @@ def create_app(models: dict, config: ServerConfig | None = None, loras: list[Lor
         Route("/v1/completions", e("/v1/completions", server.completions), methods=["POST"]),
         Route("/v1/chat/completions", e("/v1/chat/completions", server.chat_completions), methods=["POST"]),
         Route("/v1/classify", e("/v1/classify", server.classify), methods=["POST"]),
-        Route("/v1/load_lora_adapter", e("/v1/load_lora_adapter", server.load_lora_adapter), methods=["POST"]),
-        Route("/v1/unload_lora_adapter", e("/v1/unload_lora_adapter", server.unload_lora_adapter), methods=["POST"]),
+        Route("/v1/load_lora_adapter", e("/v1/load_lora_adapter", server.lora.load_route), methods=["POST"]),
+        Route("/v1/unload_lora_adapter", e("/v1/unload_lora_adapter", server.lora.unload_route), methods=["POST"]),
     ]
 
     async def not_found(request, exc):

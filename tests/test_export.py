@@ -34,8 +34,7 @@ def expected(classifier, batches):
 
 def test_saved_model_reloads_in_tensorflow(classifier, batches, tmp_path, capsys):
     classifier.export(tmp_path / "saved")
-    said = capsys.readouterr().out.splitlines()  # one line, not a listing of every captured weight
-    assert len(said) == 1 and said[0].startswith("Saved a TensorFlow SavedModel at "), said
+    assert capsys.readouterr().out == ""  # quiet by default: no listing of every captured weight
     np.save(tmp_path / "x1.npy", batches[0])
     np.save(tmp_path / "x3.npy", batches[1])
     # A process of its own: TensorFlow serving the SavedModel, whatever backend made it.

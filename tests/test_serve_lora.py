@@ -243,7 +243,7 @@ def test_the_adapters_base_is_the_one_its_folder_names(adapters):
         Server({BASE: zoo.GemmaCausalLM.from_preset(BASE)}, ServerConfig(max_loras=1),
                [Lora(n, str(p)) for n, p in adapters.items()])
     with pytest.raises(APIError, match="--enable-lora"):  # no adapters: the load route says how to allow them
-        Server({"plain": zoo.GemmaCausalLM.from_preset(BASE)}, ServerConfig())._check_lora_enabled()
+        Server({"plain": zoo.GemmaCausalLM.from_preset(BASE)}, ServerConfig()).lora.check_enabled()
 
 
 def test_lora_arguments_in_both_spellings():

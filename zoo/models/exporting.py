@@ -16,6 +16,7 @@ on PyTorch, torch.onnx's exporter fails on these models. TensorFlow's exporters 
 
 import importlib
 import importlib.util
+import logging
 import os
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from pathlib import Path
 from zoo import backends
 from zoo.errors import ConfigError
 
+log = logging.getLogger("zoo.export")
 THROUGH_TENSORFLOW = ("tf_saved_model", "onnx")
 NAMES = {"tf_saved_model": "a TensorFlow SavedModel", "onnx": "an ONNX model",
          "torch": "a torch.export program (.pt2), written on PyTorch only: KERAS_BACKEND=torch"}
@@ -45,10 +47,11 @@ def check(format: str) -> None:
 
 
 def export(model, filepath, format: str, verbose, input_signature, keras_export, **kwargs):
-    """Writes `model` to `filepath` in `format`; `keras_export` is Keras' own `Model.export`."""
+    """Writes `model` to `filepath` in `format`; `keras_export` is Keras' own `Model.export`. Quiet unless
+    `verbose=True` (then Keras' own messages; Keras' default lists every captured weight), logged at INFO."""
     check(format)
     if format in backends.EXPORTS:
-        with backends.exporting():  # verbose=None: one line, not Keras' listing of every captured weight
+        with backends.exporting():
             keras_export(filepath, format=format, verbose=bool(verbose), input_signature=input_signature,
                          **{**backends.export_options(format), **kwargs})
         made = ""
@@ -56,13 +59,12 @@ def export(model, filepath, format: str, verbose, input_signature, keras_export,
         if input_signature is not None or kwargs:
             raise ConfigError(f"export {format!r} on this backend goes through TensorFlow with the model's own "
                               f"input signature; input_signature and {sorted(kwargs) or 'options'} are not passed on")
-        through_tensorflow(model, filepath, format)
+        through_tensorflow(model, filepath, format, bool(verbose))
         made = " (made on TensorFlow)"
-    if verbose is None or (verbose and made):
-        print(f"Saved {NAMES[format].split(',')[0]} at {filepath}{made}")
+    log.info("saved %s at %s%s", NAMES[format].split(",")[0], filepath, made)
 
 
-def through_tensorflow(model, filepath, format: str) -> None:
+def through_tensorflow(model, filepath, format: str, verbose: bool = False) -> None:
     if importlib.util.find_spec("tensorflow") is None:
         raise ConfigError(f"export {format!r} on this backend runs TensorFlow's exporter in a child process, and "
                           "TensorFlow is not installed: pip install tensorflow-cpu (scripts/setup.sh installs it)")
@@ -74,17 +76,18 @@ def through_tensorflow(model, filepath, format: str) -> None:
         model.save_preset(tmp)
         env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="3")
         cmd = [sys.executable, "-m", "zoo.models.exporting", tmp, str(Path(filepath).absolute()), format,
-               type(model).__module__, type(model).__name__]
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+               type(model).__module__, type(model).__name__, "verbose" if verbose else ""]
+        done = subprocess.run(cmd, env=env, stdout=None if verbose else subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True)  # verbose: Keras' messages from over there, on this process' stdout
         if done.returncode != 0:
             last = (done.stderr.strip().splitlines() or ["no output"])[-1]
             raise ConfigError(f"export {format!r} through TensorFlow failed: {last}")
 
 
-def _main(folder: str, filepath: str, format: str, module: str, task: str) -> None:
+def _main(folder: str, filepath: str, format: str, module: str, task: str, verbose: str) -> None:
     task = getattr(importlib.import_module(module), task)
-    task.from_preset(folder).export(filepath, format=format, verbose=False)
+    task.from_preset(folder).export(filepath, format=format, verbose=bool(verbose))
 
 
 if __name__ == "__main__":
-    _main(*sys.argv[1:6])
+    _main(*sys.argv[1:7])
