@@ -245,11 +245,7 @@ class Server:
     def model_card(self, name: str) -> dict:
         """vLLM's model card: an adapter has its base as `parent` and where it was loaded from as `root`."""
         base = self.adapters.get(name)
-        if base is not None:
-            root = self.lora.source(name)
-        else:
-            root = name
-        model = base or name
+        model, root = (base, self.lora.source(name)) if base is not None else (name, name)
         return {"id": name, "object": "model", "created": self.created, "owned_by": "keras-zoo", "root": root,
                 "parent": base, "task": type(self.models[model]).__name__,
                 "max_model_len": self.generators[model].length if model in self.generators else None}

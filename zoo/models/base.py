@@ -120,10 +120,9 @@ class PresetModel(keras.Model):
         Keras infers a subclassed model's signature from its first call; these models know their
         inputs from the config and may not have been called yet (`_export_signature`).
         """
-        exporting.check(format)
-        own = input_signature is None and format in backends.EXPORTS
-        signature = self._export_signature() if own else input_signature
-        return exporting.export(self, filepath, format, verbose, signature,
+        if input_signature is None and format in backends.EXPORTS:  # Keras' own exporter traces it here
+            input_signature = self._export_signature()
+        return exporting.export(self, filepath, format, verbose, input_signature,
                                 super(PresetModel, self).export, **kwargs)
 
     @classmethod
