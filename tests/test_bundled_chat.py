@@ -10,6 +10,7 @@ from safetensors.numpy import load_file
 import zoo
 from zoo import cli
 from zoo.checkpoints_tools import train_gemma_pycode_chat
+from zoo.errors import PresetNotFoundError
 from zoo.serving import load_models
 from test_serve import Running
 
@@ -83,3 +84,13 @@ def test_training_script_is_seeded_and_reproducible(tmp_path):
     for name in first:
         np.testing.assert_array_equal(first[name], second[name], err_msg=name)
     assert zoo.from_preset(outs[0]).generate(PROMPT, max_new_tokens=2, chat=True) is not None
+
+
+def test_the_bundled_adapter_loads_by_its_preset_name():
+    lm = zoo.GemmaCausalLM.from_preset("gemma_tiny_pycode")
+    assert lm.load_adapter("gemma_tiny_pycode_chat", name="chat") == "chat" and lm.active_adapter == "chat"
+    chat = zoo.from_preset("gemma_tiny_pycode_chat")
+    assert lm.generate(PROMPT, max_new_tokens=8, chat=False) == chat.generate(PROMPT, max_new_tokens=8, chat=False)
+    with pytest.raises(PresetNotFoundError, match="bundled adapter preset"):
+        lm.load_adapter("vit_tiny_digits")  # a model, not an adapter
+    assert lm.adapters == ["chat"]

@@ -67,8 +67,9 @@ def run(args, say_backend=lambda: None) -> int:
         model = zoo.GemmaCausalLM.from_preset(values["preset"], dtype=dtype)
         summary = zoo.finetune.text(model, values["data"], **common)
     else:
-        from zoo import hub, loader
+        from zoo import hub, loader, models
 
+        models.register_all()  # the families' formats, for loader.detect
         data = zoo.finetune.image_folder(values["data"])
         folder = hub.resolve(values["preset"])
         same = not loader.is_adapter(folder) and tuple(loader.detect(folder).read_config(

@@ -124,8 +124,12 @@ def resolve(preset: str | os.PathLike, revision: str | None = None, adapter: boo
         if revision and h.scheme == "hf":
             h = Handle("hf", h.repo, revision)
         return _download(h, adapter)
-    if adapter:
-        raise PresetNotFoundError(f"{preset!r}: expected an adapter folder or an hf:// or kaggle:// handle")
+    if adapter:  # a bundled adapter preset (gemma_tiny_pycode_chat), else a folder or a handle
+        card = next((c for c in presets.list_presets() if c.name == preset), None)
+        if card is not None and card.folder is not None and (card.folder / "adapter_config.json").is_file():
+            return card.folder
+        raise PresetNotFoundError(f"{preset!r}: expected an adapter folder, a bundled adapter preset, or an hf:// "
+                                  "or kaggle:// handle")
     card = presets.get(preset)
     if card.folder is not None:
         return card.folder
