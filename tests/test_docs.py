@@ -57,7 +57,9 @@ def test_references_and_guides_are_there(site):
     for command in ("zoo serve", "zoo finetune text", "zoo checkpoint align", "--lora-modules"):
         assert command in cli
     api = (site / "reference" / "api" / "index.html").read_text()
-    assert "AdapterBank" in api and "from_preset" in api and "GemmaCausalLM" in api
+    for name in ("AdapterBank", "from_preset", "GemmaCausalLM", "create_app", "ServedAdapters", "set_offline",
+                 "write_checkpoint"):  # the models, adapters, the server as a library, hubs, checkpoints
+        assert name in api, name
     assert "/v1/load_lora_adapter" in text_of(site / "guides" / "serve" / "index.html")
     server = text_of(site / "reference" / "server" / "index.html")  # generated from the app and its field sets
     for route in ("/v1/completions", "/v1/chat/completions", "/v1/classify", "/v1/unload_lora_adapter", "/health"):
