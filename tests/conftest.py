@@ -33,6 +33,10 @@ for _name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "KAGGLE_USERNAME", "KAGGLE_K
     os.environ.pop(_name, None)
 os.environ["HF_HUB_OFFLINE"] = "1"  # hub tests switch it off while their fake hub runs
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# The JAX run has 8 CPU devices, for tests/test_distribution.py (JAX reads this once, when imported);
+# everything else runs on the first of them, as on one device.
+if os.environ.get("KERAS_BACKEND", "jax") == "jax":
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 _real_connect = socket.socket.connect

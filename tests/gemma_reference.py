@@ -83,8 +83,10 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
         model.model.norm.weight.add_(BOOST)
 
 
-def save_hf_gemma(folder: Path, variant: str, seed: int = 0, legacy_spelling: bool = False) -> Path:
+def save_hf_gemma(folder: Path, variant: str, seed: int = 0, legacy_spelling: bool = False, **overrides) -> Path:
+    """A random tiny `variant` ("gemma", "gemma2", "gemma3"), its config changed by `overrides`, and a tokenizer."""
     cls, config_cls, config = VARIANTS[variant]
+    config = dict(config, **overrides)
     torch.manual_seed(seed)
     model = cls(config_cls(**config)).eval()
     randomize(model, seed)

@@ -108,7 +108,7 @@ def test_other_libraries_are_used_through_their_public_apis():
 # The arrows of the package's map point down this list: a module imports its own tier or those below.
 TIERS = [
     ("ground", lambda n: n in ("zoo.errors", "zoo.host", "zoo.files", "zoo.registry", "zoo._select_backend")),
-    ("fence, hub", lambda n: fenced(n) or n in ("zoo.hub", "zoo.presets")),
+    ("fence, hub", lambda n: fenced(n) or n in ("zoo.hub", "zoo.presets", "zoo.distribution")),
     ("loading, layers", lambda n: n in ("zoo.checkpoint", "zoo.safetensors_file", "zoo.key_map", "zoo.loader",
                                         "zoo.tokenizer") or n.startswith("zoo.layers")),
     ("models, lora, finetune, generation", lambda n: n.startswith(("zoo.models", "zoo.lora", "zoo.finetune.",

@@ -125,9 +125,10 @@ def inputs(tmp_path_factory):
     shutil.copy(SAMPLES / "digit_7.png", folder / "digit.png")
     examples = [{"prompt": f"def {name}(a, b):", "completion": f"\n    return a {op} b\n"}
                 for name, op in [("add", "+"), ("sub", "-"), ("mul", "*"), ("div", "/"), ("mod", "%"),
-                                 ("power", "**"), ("floor_div", "//"), ("both", "and"), ("either", "or")]]
-    (folder / "train.jsonl").write_text("".join(json.dumps(e) + "\n" for e in examples[:6]))
-    (folder / "val.jsonl").write_text("".join(json.dumps(e) + "\n" for e in examples[6:]))
+                                 ("power", "**"), ("floor_div", "//"), ("both", "and"), ("either", "or"),
+                                 ("shift", "<<"), ("mask", "&"), ("flip", "^")]]
+    (folder / "train.jsonl").write_text("".join(json.dumps(e) + "\n" for e in examples[:8]))  # one batch of 8
+    (folder / "val.jsonl").write_text("".join(json.dumps(e) + "\n" for e in examples[8:]))
     for sample in sorted(SAMPLES.glob("*.png")):
         label = "even" if int(sample.stem[-1]) % 2 == 0 else "odd"
         for copy in range(2):
@@ -218,7 +219,7 @@ def test_every_example_on_the_bundled_presets_runs(site, inputs, tmp_path):
     pasted, each page in its own folder holding the input files its examples name."""
     pages = runnable(site)
     assert {"guides/classify", "guides/generate", "guides/serve", "guides/lora", "guides/finetune",
-            "guides/export", ".", *[f"catalogue/{name}" for name in BUNDLED]} <= set(pages)
+            "guides/export", "guides/distribution", ".", *[f"catalogue/{name}" for name in BUNDLED]} <= set(pages)
     commands = [code for steps in pages.values() for kind, code in steps if kind == "shell"]
     assert sum(code.startswith("zoo serve") for code in commands) >= 2 + len(BUNDLED)
     assert any(code.startswith("curl ") for code in commands)

@@ -24,7 +24,7 @@ import numpy as np
 from zoo import backends
 from zoo.errors import CorruptCheckpointError, PresetNotFoundError
 from zoo.files import read_json, write_json
-from zoo.host import ALIGNMENT
+from zoo.host import ALIGNMENT, astype_aligned
 from zoo.safetensors_file import (FLOAT_CODES, Prefetcher, TensorInfo, numpy_dtype, read_header, read_tensor,
                                   write_safetensors)
 
@@ -80,6 +80,22 @@ class Checkpoint:
         for file, group in itertools.groupby(names, key=lambda n: self.tensors[n].file):
             group = list(group)
             yield from backends.read_mapped(file, group) if backends.read_mapped else self._read_copies(file, group)
+
+    def read_region(self, name: str, region: tuple[slice, ...], dtype=None) -> np.ndarray:
+        """One part of a tensor (a slice per axis), for loading a device's shard: copied (and cast to `dtype`)
+        into a fresh 64-byte-aligned buffer, which JAX adopts as the shard itself, through a read-only mapping
+        of the file opened for this read alone, so only the part's pages are read and none stay held. (The
+        safetensors library's `get_slice` reads a part the same way, but has no bfloat16 in NumPy.)"""
+        info = self.tensors[name]
+        with open(info.file, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapping:
+            if info.offset + info.nbytes > len(mapping):
+                raise CorruptCheckpointError(f"{info.file.name}: cannot read tensor {info.name!r}: the file ends "
+                                             f"{info.offset + info.nbytes - len(mapping)} bytes before its data does")
+            whole = np.frombuffer(mapping, np.uint8, count=info.nbytes, offset=info.offset)
+            view = whole.view(numpy_dtype(info.dtype)).reshape(info.shape)[region]
+            part = astype_aligned(view, view.dtype if dtype is None else dtype)
+            del whole, view  # no view may outlive the mapping
+        return part
 
     def _read_copies(self, file: Path, names: list[str]) -> Iterator[np.ndarray]:
         with open(file, "rb", buffering=0) as handle:

@@ -73,3 +73,8 @@ class GenerationError(ZooError, ValueError):
 
 class DataError(ZooError, ValueError):
     """Training data that cannot be used: a malformed line, missing fields, unknown roles, too few examples."""
+
+
+class DistributionError(ZooError, ValueError):
+    """A device mesh or layout that cannot hold the model, distribution on a backend without it, or a cluster
+    (Ray) that cannot be reached."""

@@ -26,6 +26,8 @@ def _flags(positive_int=int) -> list:
         ("--merge", "", dict(action="store_true", default=None, help="write a merged preset folder, not an adapter")),
         ("--seed", "", dict(type=int, help="seed of the data order, augmentation and adapter init (default 0)")),
         ("--precision", "", dict(choices=("float32", "mixed_bfloat16", "bfloat16"), help="dtype policy (default float32)")),
+        ("--mesh", "", dict(metavar="BATCHxMODEL", help="split over devices (JAX): 8x1 data parallel, 2x4 "
+                                                       "model parallel over 4 devices per replica (zoo.distribution)")),
         ("--jit-compile", "", dict(action="store_true", default=None,
                                    help="compile the training step (PyTorch: torch.compile; slow to start, faster after)")),
         ("--resume", "", dict(action="store_true", default=None, help="go on from the last checkpoint in OUTPUT")),
@@ -63,6 +65,17 @@ def run(args, say_backend=lambda: None) -> int:
                   **{k: v for k, v in vars(options).items()})
     zoo.finetune.check_output(values["output"], bool(values.get("resume")), bool(values.get("overwrite")))
     say_backend()
+    if values.get("mesh"):
+        import keras
+
+        from zoo import distribution
+
+        batch, _, model = str(values["mesh"]).lower().partition("x")
+        if not (batch.isdigit() and model.isdigit()):
+            raise zoo.errors.DistributionError(f"--mesh {values['mesh']!r}: expected BATCHxMODEL, e.g. 8x1 or 2x4")
+        mesh = distribution.mesh(int(batch), int(model))  # checks the devices there are
+        keras.distribution.set_distribution(distribution.data_parallel() if int(model) == 1
+                                            else distribution.model_parallel(mesh))
     if args.task == "text":
         model = zoo.GemmaCausalLM.from_preset(values["preset"], dtype=dtype)
         summary = zoo.finetune.text(model, values["data"], **common)

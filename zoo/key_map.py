@@ -27,34 +27,56 @@ from zoo.safetensors_file import TensorInfo
 Shape = tuple[int, ...]
 
 
+Region = tuple[slice, ...]  # a part of a tensor: one slice per axis, each with a start and a stop
+
+
 @dataclass(frozen=True)
 class Transform:
-    """Source tensor <-> one target weight, plus the source shape a target shape implies."""
+    """Source tensor <-> one target weight, plus the source shape a target shape implies, and the part of
+    the source a part of the target comes from: `region(target_shape, part)` gives the source's region
+    and what turns that region into the part (for loading one device's shard)."""
 
     forward: Callable[[np.ndarray, Shape], np.ndarray]
     inverse: Callable[[np.ndarray], np.ndarray]
     source_shape: Callable[[Shape], Shape]
+    region: Callable[[Shape, Region], tuple[Region, Callable[[np.ndarray], np.ndarray]]]
+
+
+def _heads_region(t: Shape, part: Region, heads_axis: int):
+    """Source region of a kernel whose source axis `heads_axis` holds (heads * head width): whole heads are
+    read, then the part's head-width slice is taken from them."""
+    n, h = part[heads_axis], part[heads_axis + 1]
+    rows = slice(n.start * t[heads_axis + 1], n.stop * t[heads_axis + 1])
+    source = (*part[:heads_axis], rows, *part[heads_axis + 2:])
+    shape = tuple(s.stop - s.start for s in part[:heads_axis]) + (n.stop - n.start, t[heads_axis + 1]) + tuple(
+        s.stop - s.start for s in part[heads_axis + 2:])
+    within = (slice(None),) * (heads_axis + 1) + (slice(h.start, h.stop),)
+    return source, lambda x: x.reshape(shape)[within]
 
 
 TRANSFORMS: dict[str, Transform] = {
-    "identity": Transform(lambda x, t: x, lambda w: w, lambda t: t),
+    "identity": Transform(lambda x, t: x, lambda w: w, lambda t: t, lambda t, part: (part, lambda x: x)),
     # Linear weight (out, in) <-> kernel (in, out), for layers that keep Keras' layout.
-    "transpose": Transform(lambda x, t: x.T, lambda w: w.T, lambda t: t[::-1]),
+    "transpose": Transform(lambda x, t: x.T, lambda w: w.T, lambda t: t[::-1], lambda t, part: (part[::-1], np.transpose)),
     # Linear weight (n*h, d) <-> kernel (n, h, d): the rows split into heads (a free reshape).
     "rows_to_heads": Transform(
-        lambda x, t: x.reshape(t), lambda w: w.reshape(-1, w.shape[-1]), lambda t: (t[0] * t[1], t[2])
+        lambda x, t: x.reshape(t), lambda w: w.reshape(-1, w.shape[-1]), lambda t: (t[0] * t[1], t[2]),
+        lambda t, part: _heads_region(t, part, 0),
     ),
     # Linear weight (d, n*h) <-> kernel (d, n, h): the columns split into heads.
     "cols_to_heads": Transform(
-        lambda x, t: x.reshape(t), lambda w: w.reshape(w.shape[0], -1), lambda t: (t[0], t[1] * t[2])
+        lambda x, t: x.reshape(t), lambda w: w.reshape(w.shape[0], -1), lambda t: (t[0], t[1] * t[2]),
+        lambda t, part: _heads_region(t, part, 1),
     ),
     # Bias (n*h,) <-> (n, h).
-    "heads_bias": Transform(lambda x, t: x.reshape(t), lambda w: w.reshape(-1), lambda t: (math.prod(t),)),
+    "heads_bias": Transform(lambda x, t: x.reshape(t), lambda w: w.reshape(-1), lambda t: (math.prod(t),),
+                            lambda t, part: _heads_region(t, part, 0)),
     # Conv2d weight (d, c, p, q) <-> Keras Conv2D kernel (p, q, c, d).
     "conv_patch": Transform(
         lambda x, t: x.transpose(2, 3, 1, 0),
         lambda w: w.transpose(3, 2, 0, 1),
         lambda t: (t[3], t[2], t[0], t[1]),
+        lambda t, part: ((part[3], part[2], part[0], part[1]), lambda x: x.transpose(2, 3, 1, 0)),
     ),
 }
 
@@ -188,6 +210,33 @@ def load(assignments: list[Assignment], checkpoint: Checkpoint, weights: dict, c
                 value = astype_aligned(value, dtype)
             backends.set_value(variable, value)
         del array, parts
+
+
+def load_sharded(assignments: list[Assignment], checkpoint: Checkpoint, weights: dict,
+                 check_finite: bool = True) -> None:
+    """As `load`, under a distribution: each device's shard of each weight is read from the checkpoint by
+    slice (`Checkpoint.read_region`), so no tensor meant to be split is ever read whole."""
+    distribution = keras.distribution.distribution()
+    for a in assignments:
+        transform = TRANSFORMS[a.transform]
+        offset = 0  # a fused source (timm's qkv): this target's first row
+        for path in a.targets:
+            variable = weights[path]
+            shape, dtype = tuple(variable.shape), host_dtype(variable.dtype)
+
+            def read(index, a=a, shape=shape, dtype=dtype, offset=offset):
+                part = tuple(slice(*s.indices(n)[:2]) for s, n in zip(index, shape))
+                region, finish = transform.region(shape, part)
+                if region:  # a fused source: this target's rows start at `offset`
+                    region = (slice(region[0].start + offset, region[0].stop + offset), *region[1:])
+                array = finish(checkpoint.read_region(a.source.name, region, dtype))
+                if check_finite and not all_finite(array):
+                    raise CorruptCheckpointError(f"{a.source.name} in {a.source.file.name} holds NaN or infinite "
+                                                 "values; pass allow_nonfinite=True to from_preset to load it anyway")
+                return array if array.flags.c_contiguous else astype_aligned(array, dtype)
+
+            backends.set_sharded(variable, distribution.get_variable_layout(variable), read)
+            offset += transform.source_shape(shape)[0]
 
 
 def export(rows: list[Row], weights: dict) -> list[PendingTensor]:

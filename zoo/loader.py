@@ -16,11 +16,12 @@ from pathlib import Path
 import keras
 
 from zoo import backends, hub, registry
+from zoo import distribution as devices
 from zoo.checkpoint import Checkpoint
 from zoo.errors import ConfigError, PresetNotFoundError
 from zoo.files import read_json
 from zoo.host import WEIGHT_DTYPES, host_dtype
-from zoo.key_map import load, plan, weights_by_path
+from zoo.key_map import load, load_sharded, plan, weights_by_path
 from zoo.layers.init import skip_init
 from zoo.safetensors_file import DTYPE_SIZES
 from zoo.tokenizer import TOKENIZER_FILES, Tokenizer
@@ -101,16 +102,20 @@ def _collector_paused():
             gc.enable()
 
 
-def from_preset(cls, preset: str | os.PathLike, dtype: str | None = None, allow_nonfinite: bool = False, **kwargs):
+def from_preset(cls, preset: str | os.PathLike, dtype: str | None = None, allow_nonfinite: bool = False,
+                distribution=None, **kwargs):
     """`cls` built from a preset name, handle or folder, every weight from its checkpoint (see the module docstring).
 
     A weight holding NaN or infinity is a `CorruptCheckpointError` naming its tensors, unless `allow_nonfinite`.
+    Under a distribution (`distribution`, else Keras' global one; `zoo.distribution`) each weight is built
+    with its layout and each device's shard read from the checkpoint by slice.
     """
     if dtype is not None:
         check_dtype(dtype)
     folder = hub.resolve(preset)
     if is_adapter(folder):
-        return _with_adapter(cls, preset, folder, dtype=dtype, allow_nonfinite=allow_nonfinite, **kwargs)
+        return _with_adapter(cls, preset, folder, dtype=dtype, allow_nonfinite=allow_nonfinite,
+                             distribution=distribution, **kwargs)
     if kwargs.pop("base", None) is not None:
         raise ConfigError(f"{hub.short_name(preset)}: base= names the model under an adapter folder, but this is a "
                           "model folder (no adapter_config.json)")
@@ -129,18 +134,23 @@ def from_preset(cls, preset: str | os.PathLike, dtype: str | None = None, allow_
                           f"the checkpoint holds {held:,}; does config.json belong to this checkpoint?")
     dtype = dtype or config.dtype
     weight_dtype = host_dtype(keras.DTypePolicy(dtype).variable_dtype)
-    if backends.read_mapped is None:  # reads (and casts) while the layers are built
+    distribution = devices.active(distribution)
+    if distribution is not None:
+        distribution = devices.for_model(distribution, config)
+    elif backends.read_mapped is None:  # reads (and casts) while the layers are built
         checkpoint.prefetch(_read_ahead_limit(checkpoint, weight_dtype), cast_to=weight_dtype)
     try:
-        with _collector_paused():
+        with _collector_paused(), distribution.scope() if distribution is not None else contextlib.nullcontext():
             with skip_init():
                 model = cls._from_folder(config, folder, dtype=dtype, **kwargs)
             fresh = model._fresh_weights()
             weights = {path: v for path, v in weights_by_path(model).items() if path not in fresh}
             assignments = plan(model.key_map(model.config), checkpoint, weights)
-            load(assignments, checkpoint, weights, check_finite=not allow_nonfinite)
+            (load if distribution is None else load_sharded)(assignments, checkpoint, weights,
+                                                             check_finite=not allow_nonfinite)
     finally:
         checkpoint.stop_prefetch()
+    model.distribution = distribution
     model._after_load()
     model.source = hub.describe(preset, folder)
     return model

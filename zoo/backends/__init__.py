@@ -14,12 +14,16 @@ backend runs; the rest of the package is `keras.ops`. Each backend module provid
   weights, compiled (`COMPILER`), the cache updated in place where the backend can. A compiled
   step keeps the weights it was made with: make it again when `weights_signature` changes.
 - `make_predict_function(model, make)`: Keras' predict function (`make()` builds it) or a faster one.
-- Loading: `placeholder(shape, dtype, shared)` (a skipped initialiser's value, which the checkpoint's
+- Loading: `placeholder(shape, dtype, shared, layout=None)` (a skipped initialiser's value, which the checkpoint's
   replaces), `set_value(variable, array)` (a fresh host array becomes the weight, without a copy
   where the backend allows), `read_mapped(path, names)` (tensors as views of the file's mapping)
   or None, `adopts_host_buffers()` and `read_ahead_threads(bounded)`.
 - `track_weights(layer, variables)`, `untrack_weights(layer, variables)`: weights added to a built
   layer (LoRA adapters) or removed from it, made known to the framework's own module where it keeps one.
+- Distribution: `DISTRIBUTES`, whether Keras' distribution API runs on this backend;
+  `set_sharded(variable, layout, read)`, a weight made shard by shard from `read(index)`, and
+  `lay_out(value, layout)`, a value split as a weight's layout says (None where it does not run);
+  `placeholder(..., layout)` gives each device zeros of its shard's shape.
 - Export: `EXPORTS`, the formats of Keras' `export` that give these models back exactly on this
   backend (`zoo.models.exporting` makes the others it can on TensorFlow), `exporting()`, a
   context within which kernels take forms every exporter converts, and `export_options(format)`,
@@ -31,7 +35,7 @@ import importlib
 
 import keras
 
-from zoo.errors import BackendError
+from zoo.errors import BackendError, DistributionError
 
 NAME = keras.backend.backend()
 _MODULES = {"jax": "zoo.backends.jax", "torch": "zoo.backends.torch", "tensorflow": "zoo.backends.tensorflow"}
@@ -47,6 +51,7 @@ adopts_host_buffers, read_ahead_threads = _current.adopts_host_buffers, _current
 ATTENTION_KERNELS = _current.ATTENTION_KERNELS
 EXPORTS, exporting, export_options = _current.EXPORTS, _current.exporting, _current.export_options
 track_weights, untrack_weights = _current.track_weights, _current.untrack_weights
+DISTRIBUTES, set_sharded, lay_out = _current.DISTRIBUTES, _current.set_sharded, _current.lay_out
 TRAIN_JIT_COMPILE = _current.TRAIN_JIT_COMPILE  # what `compile(jit_compile="auto")` means for keras-zoo's models
 _forced: str | None = None  # use_attention's kernel
 
@@ -71,6 +76,13 @@ def use_attention(name: str | None):
         yield
     finally:
         _forced = previous
+
+
+def check_distributes() -> None:
+    """A `DistributionError` where Keras' distribution API does not run on this backend."""
+    if not DISTRIBUTES:
+        raise DistributionError(f"keras.distribution runs on the JAX backend in Keras {keras.__version__}; this "
+                                f"process runs {NAME!r} (set KERAS_BACKEND=jax), so nothing would be split")
 
 
 def weights_signature(model) -> tuple:

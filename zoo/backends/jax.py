@@ -82,19 +82,40 @@ exporting = contextlib.nullcontext
 # ----------------------------------------------------------------------------- loading weights
 
 
-def placeholder(shape, dtype, shared: dict | None = None):
-    """Zeros that cost nothing: calloc'ed pages, never touched, adopted by XLA without a copy (`jnp.zeros`
-    would compile and run a fill per shape). JAX arrays are immutable and `assign` replaces them, so the
-    weights of one shape and dtype share one (in `shared`, one dict per model being built)."""
+def _zeros(shape, dtype, shared: dict | None):
+    """calloc'ed pages, never touched: host zeros that cost nothing, one per shape and dtype in `shared`."""
     key = (tuple(shape), str(dtype))
     if shared is None or key not in shared:
         np_dtype = host_dtype(dtype)
-        buffer = aligned_empty(int(np.prod(shape)) * np_dtype.itemsize, zeroed=True)
-        value = jax.device_put(buffer.view(np_dtype).reshape(shape))
+        buffer = aligned_empty(int(np.prod(shape)) * np_dtype.itemsize, zeroed=True).view(np_dtype).reshape(shape)
         if shared is None:
-            return value
-        shared[key] = value
+            return buffer
+        shared[key] = buffer
     return shared[key]
+
+
+def placeholder(shape, dtype, shared: dict | None = None, layout=None):
+    """Zeros that cost nothing: calloc'ed pages adopted by XLA without a copy (`jnp.zeros` would compile and
+    run a fill per shape). JAX arrays are immutable and `assign` replaces them, so the weights of one shape
+    and dtype share one buffer (in `shared`, one dict per model being built). With a `layout` (Keras' sharding
+    of the weight, under a distribution) each device adopts zeros of its shard's shape the same way (Keras'
+    initialisation then copies them once: the loader frees each as its weight's shards arrive)."""
+    if layout is None:
+        if shared is None:
+            return jax.device_put(_zeros(shape, dtype, None))
+        key = ("device", tuple(shape), str(dtype))
+        if key not in shared:
+            shared[key] = jax.device_put(_zeros(shape, dtype, shared))
+        return shared[key]
+    sharding = jax.sharding.NamedSharding(jax.sharding.get_mesh(), layout.spec)
+    shards = [jax.device_put(_zeros(tuple(len(range(*s.indices(n))) for s, n in zip(index, shape)), dtype, shared),
+                             device) for device, index in sharding.addressable_devices_indices_map(tuple(shape)).items()]
+    return jax.make_array_from_single_device_arrays(tuple(shape), sharding, shards)
+
+
+def lay_out(value, layout):
+    """A value made on one device, split as `layout` (Keras' sharding of a weight) says."""
+    return jax.device_put(value, jax.sharding.NamedSharding(jax.sharding.get_mesh(), layout.spec))
 
 
 def set_value(variable, array: np.ndarray) -> None:
@@ -114,6 +135,20 @@ def read_ahead_threads(bounded: bool) -> int:
     # help (the 1 GB ViT on 2 vCPUs: 0.91-1.04 s with four, 1.17-1.71 s with one); within one they only
     # take the caller's CPU.
     return 1 if bounded else 4
+
+
+# ----------------------------------------------------------------------------- distribution
+
+DISTRIBUTES = True  # Keras' distribution API (keras.distribution) runs on JAX
+
+
+def set_sharded(variable, layout, read) -> None:
+    """A weight's value made shard by shard: `read(index)` gives the part at `index` (a tuple of slices) as a
+    fresh aligned host array, which the device adopts. The placeholder's shards are freed first, so the
+    weight is never held twice (loading fails as a whole, so a weight is not left without a value)."""
+    value = variable.value
+    value.delete()
+    variable.assign(jax.make_array_from_callback(tuple(variable.shape), layout.backend_layout, read))
 
 
 # ----------------------------------------------------------------------------- weights added after build

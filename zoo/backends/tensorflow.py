@@ -115,7 +115,7 @@ def make_predict_function(model, make):
 # ----------------------------------------------------------------------------- loading weights
 
 
-def placeholder(shape, dtype, shared: dict | None = None):
+def placeholder(shape, dtype, shared: dict | None = None, layout=None):  # (no layouts here)
     # Uninitialised memory the checkpoint's value replaces; the shape as an int32 array keeps the op
     # on TF's fast path (a list costs ~3x as much).
     return tf.raw_ops.Empty(shape=np.asarray(shape, np.int32), dtype=tf.as_dtype(str(dtype)), init=False)
@@ -149,6 +149,12 @@ def adopts_host_buffers() -> bool:
 def read_ahead_threads(bounded: bool) -> int:
     return 1  # TensorFlow's variable creation competes with more readers for the CPU
 
+
+
+# ----------------------------------------------------------------------------- distribution
+
+DISTRIBUTES = False  # keras.distribution's layouts run on JAX only in Keras 3.15 (TensorFlow's is a prototype)
+set_sharded = lay_out = None
 
 # ----------------------------------------------------------------------------- weights added after build
 

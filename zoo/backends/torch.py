@@ -170,7 +170,7 @@ def export_options(format: str) -> dict:
 # ----------------------------------------------------------------------------- loading weights
 
 
-def placeholder(shape, dtype, shared: dict | None = None):
+def placeholder(shape, dtype, shared: dict | None = None, layout=None):  # (no layouts here)
     # calloc'ed pages, untouched until the checkpoint's values arrive; each weight its own.
     if dtype == "bfloat16":
         return torch.from_numpy(np.zeros(shape, np.uint16)).view(torch.bfloat16)
@@ -210,6 +210,12 @@ def adopts_host_buffers() -> bool:
 def read_ahead_threads(bounded: bool) -> int:
     return 1  # unused: the file's mapping serves every read
 
+
+
+# ----------------------------------------------------------------------------- distribution
+
+DISTRIBUTES = False  # keras.distribution's layouts run on JAX only in Keras 3.15 (TensorFlow's is a prototype)
+set_sharded = lay_out = None
 
 # ----------------------------------------------------------------------------- weights added after build
 

@@ -35,11 +35,13 @@ class Skippable(keras.initializers.Initializer):
         is_instance = isinstance(initializer, keras.initializers.Initializer)
         self.initializer = initializer if is_instance else keras.initializers.get(initializer)
 
-    def __call__(self, shape, dtype=None):
+    def __call__(self, shape, dtype=None, layout=None):
+        """`layout`: under a distribution, Keras asks for the value already split as the weight will be."""
         shared = _SKIP.get()
         if shared is not None:
-            return backends.placeholder(shape, keras.backend.standardize_dtype(dtype), shared)
-        return self.initializer(shape, dtype=dtype)
+            return backends.placeholder(shape, keras.backend.standardize_dtype(dtype), shared, layout)
+        value = self.initializer(shape, dtype=dtype)
+        return value if layout is None else backends.lay_out(value, layout)
 
     def get_config(self):
         return {"initializer": keras.initializers.serialize(self.initializer)}

@@ -21,6 +21,7 @@ import keras
 import numpy as np
 
 from zoo import backends, hub, presets
+from zoo import distribution as devices
 from zoo.errors import AdapterError, MissingWeightsError, ShapeMismatchError, UnexpectedWeightsError
 from zoo.files import read_json, write_json
 from zoo.layers.dense import LowRank, Replacement
@@ -258,12 +259,12 @@ def _attach(model, name: str, settings: Settings, targeted: list[Module], values
     for module in targeted:
         a, b, r = values[module.name]
         scale = settings.scale((scale_names or {}).get(module, module.name))
-        with _scope(module.layers[0], name):
+        with _scope(model, module.layers[0], name):
             lora_a = _variable(a, (r, module.in_size), "lora_A")
             seed = keras.random.SeedGenerator(name="dropout_seed") if settings.lora_dropout else None
         start, placed = 0, []
         for layer, out in zip(module.layers, module.out_sizes):
-            with _scope(layer, name):
+            with _scope(model, layer, name):
                 lora_b = _variable(b if not isinstance(b, np.ndarray) else b[start:start + out], (out, r), "lora_B")
             placed.append((layer, LowRank(lora_a, lora_b, scale, settings.lora_dropout, seed)))
             start += out
@@ -272,7 +273,7 @@ def _attach(model, name: str, settings: Settings, targeted: list[Module], values
         module = by_name(modules(model))[module_name]
         layer = module.layers[0]
         weight, bias = given if given is not None else (None, None)
-        with _scope(layer, name):
+        with _scope(model, layer, name):
             # A copy of the module in its own dtype, as PEFT's modules_to_save.
             kernel = _variable(layer.kernel.value if weight is None else weight.reshape(layer.kernel.shape),
                                tuple(layer.kernel.shape), "kernel", layer.kernel.dtype)
@@ -377,9 +378,11 @@ def _examples(found: list[Module]) -> str:
 
 
 @contextlib.contextmanager
-def _scope(layer, adapter_name: str):
-    """Variables named `<layer path>/<adapter>/lora_A`: unique, and readable in `model.weights`."""
+def _scope(model, layer, adapter_name: str):
+    """Variables named `<layer path>/<adapter>/lora_A`: unique, and readable in `model.weights`; under the
+    model's distribution, laid out as their base weights are (`zoo.distribution`)."""
     with contextlib.ExitStack() as stack:
+        stack.enter_context(devices.scope(model))
         for part in [*layer.path.split("/"), adapter_name]:
             stack.enter_context(keras.name_scope(part))
         yield

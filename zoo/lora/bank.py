@@ -29,7 +29,7 @@ import numpy as np
 from keras import ops
 
 from zoo import backends, hub
-from zoo.errors import AdapterError
+from zoo.errors import AdapterError, DistributionError
 from zoo.layers.dense import Bank
 from zoo.lora import _NAME, _scope, read_adapter
 from zoo.lora.modules import modules
@@ -52,6 +52,9 @@ class AdapterBank:
                 raise AdapterError(f"{name} must be a positive int, got {value!r}")
         if of(model) is not None:
             raise AdapterError("this model serves adapters already (it has an AdapterBank)")
+        if model.distribution is not None:
+            raise DistributionError("served adapter banks run on one device: load the model without a distribution "
+                                    "(zoo serve --ray spreads replicas over machines instead)")
         self.model, self.max_loras, self.max_rank = model, max_loras, max_rank
         outputs = model._lora_output_modules() if hasattr(model, "_lora_output_modules") else set()
         self.adaptable = {m.name: m for m in modules(model) if m.name not in outputs}
@@ -162,7 +165,7 @@ class AdapterBank:
         s, r = self.max_loras, self.max_rank
         for module in new:
             for layer, out in zip(module.layers, module.out_sizes):
-                with _scope(layer, "served"):
+                with _scope(self.model, layer, "served"):
                     layer.adapters.bank = Bank(_zeros((s, r, module.in_size), "lora_A"), _zeros((out, s * r), "lora_B"),
                                                _zeros((s,), "scale"))
                 backends.track_weights(layer, layer.adapters.bank.weights)

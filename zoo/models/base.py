@@ -25,6 +25,7 @@ class PresetModel(keras.Model):
 
     family: str = ""
     traced_predict: bool = False  # the forward pass is one tensor in, one out: a backend may trace `predict`
+    distribution = None  # the keras.distribution it was loaded under (`zoo.distribution`), if any
 
     def __repr__(self) -> str:
         """One line: the class, architecture, size, dtype, where it came from and its adapters."""

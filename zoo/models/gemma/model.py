@@ -16,6 +16,7 @@ import keras
 from keras import ops
 
 from zoo import backends, generation
+from zoo import distribution as devices
 from zoo.errors import ConfigError
 from zoo.files import read_json, write_json
 from zoo.layers import init, rotary
@@ -151,7 +152,8 @@ class GemmaBackbone(PresetModel):
         """A zeroed KV cache of `rows` sequences of up to `length` positions."""
         c = self.config
         shape = (rows, length, c.num_kv_heads, c.head_dim)
-        return tuple(ops.zeros(shape, dtype=self.compute_dtype) for _ in range(2 * c.num_layers))
+        cache = tuple(ops.zeros(shape, dtype=self.compute_dtype) for _ in range(2 * c.num_layers))
+        return devices.place_cache(cache, self.distribution, self.decoder_layers[0].self_attn.k_proj.kernel)
 
     def key_map(self, config: GemmaConfig) -> list:
         return checkpoint_map.rows(config, target_prefix="", head=False)
@@ -247,8 +249,10 @@ class GemmaCausalLM(PresetModel):
         return ops.cast(self.logits(hidden[:, 0]), "float32"), cache
 
     def empty_cache(self, rows: int, length: int) -> tuple:
-        """A zeroed KV cache of `rows` sequences of up to `length` positions."""
-        return self.backbone.empty_cache(rows, length)
+        """A zeroed KV cache of `rows` sequences of up to `length` positions (split over KV heads as the model's
+        key projection is, under a distribution)."""
+        cache = self.backbone.empty_cache(rows, length)
+        return devices.place_cache(cache, self.distribution, self.backbone.decoder_layers[0].self_attn.k_proj.kernel)
 
     # ------------------------------------------------------------------ generation (zoo.generation)
 
