@@ -55,7 +55,8 @@ def load(folders, name, distribution=None):
 
 
 def run(model, name):
-    return ops.convert_to_numpy(model(IMAGES if name == "vit" else IDS))
+    """The model's compiled forward pass (run eagerly, every op would be compiled for its sharding on its own)."""
+    return ops.convert_to_numpy(model.predict_on_batch(IMAGES if name == "vit" else IDS))
 
 
 @jax_only
