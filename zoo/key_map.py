@@ -224,7 +224,7 @@ def load_sharded(assignments: list[Assignment], checkpoint: Checkpoint, weights:
             variable = weights[path]
             shape, dtype = tuple(variable.shape), host_dtype(variable.dtype)
 
-            def read(index, a=a, shape=shape, dtype=dtype, offset=offset):
+            def read(index, a=a, transform=transform, shape=shape, dtype=dtype, offset=offset):
                 part = tuple(slice(*s.indices(n)[:2]) for s, n in zip(index, shape))
                 region, finish = transform.region(shape, part)
                 if region:  # a fused source: this target's rows start at `offset`
