@@ -141,6 +141,10 @@ class Server:
         for s in [*self.generators.values(), *self.classifiers.values()]:
             s.stop()
 
+    def alive(self) -> bool:
+        """Whether every scheduler's thread is running (a health check's question)."""
+        return all(s.alive for s in [*self.generators.values(), *self.classifiers.values()])
+
     @property
     def adapters(self) -> dict[str, str]:
         """The served adapters and the model each is served over."""

@@ -46,6 +46,10 @@ class _Worker:
         self._thread.start()
         return self
 
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
     def stop(self, timeout: float = 30.0) -> None:
         """Lets in-flight requests finish (up to `timeout`), then ends the worker thread."""
         deadline = time.monotonic() + timeout

@@ -238,11 +238,29 @@ def _serve(args) -> int:
                           request_timeout_s=args.request_timeout, max_image_pixels=args.max_image_pixels,
                           enable_lora=args.enable_lora or bool(loras), max_loras=max_loras,
                           max_lora_rank=args.max_lora_rank)
+    if args.ray or args.replicas is not None or args.autoscale or args.address:
+        return _serve_on_ray(args, config, loras)
     check_port(args.host, args.port)
     models = load_models(args.presets)
     app = create_app(models, config, loras)
     print(f"serving {', '.join(app.state.server.served())} on http://{args.host}:{args.port}/v1", flush=True)
     serve(app, config)
+    return 0
+
+
+def _serve_on_ray(args, config, loras) -> int:
+    try:
+        from zoo.serving import ray_serve
+    except ImportError as e:
+        raise SystemExit(f"zoo serve --ray needs the serve-ray extra: pip install 'keras-zoo[serve-ray]' ({e})") from None
+
+    options = ray_serve.RayOptions(replicas=args.replicas or 1, address=args.address, replica_cpus=args.replica_cpus,
+                                   autoscale=ray_serve.parse_autoscale(args.autoscale) if args.autoscale else None)
+    if args.autoscale and args.replicas is not None:
+        raise SystemExit("zoo serve: give --replicas N or --autoscale MIN:MAX, not both")
+    app = ray_serve.application(args.presets, config, options, loras)
+    where = f"http://{args.host}:{args.port}/v1"
+    ray_serve.run(app, config, options, ready=lambda: print(f"serving on Ray Serve at {where}", flush=True))
     return 0
 
 
@@ -291,6 +309,14 @@ def _add_serve(sub) -> None:
     p.add_argument("--max-loras", type=int, default=None,
                    help="adapters loaded at once per base model (default: 4, or the number given)")
     p.add_argument("--max-lora-rank", type=int, default=16, help="the highest adapter rank served (default 16)")
+    r = p.add_argument_group("Ray Serve (the serve-ray extra)")
+    r.add_argument("--ray", action="store_true",
+                   help="deploy on Ray Serve: replicas that each load the presets, behind one endpoint")
+    r.add_argument("--replicas", type=int, default=None, help="replicas to run (default 1; implies --ray)")
+    r.add_argument("--autoscale", metavar="MIN:MAX", help="scale between MIN and MAX replicas on load (implies --ray)")
+    r.add_argument("--address", metavar="ray://HOST:PORT",
+                   help="the Ray cluster to deploy on (default: start one on this machine; implies --ray)")
+    r.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs Ray reserves per replica (default 1)")
     p.set_defaults(run=_serve)
 
 
