@@ -41,6 +41,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
+from zoo import backends
 from zoo.errors import ConfigError, DistributionError
 from zoo.serving.adapters import Lora
 from zoo.serving.app import ServerConfig, create_app, load_models
@@ -107,6 +108,12 @@ def in_process(app, request: dict, body: bytes):
         task = asyncio.create_task(run())
         try:
             while (message := await messages.get()) is not None:
+                while message.get("more_body") and not messages.empty():  # what is ready goes as one item:
+                    after = messages.get_nowait()  # each costs Ray a round trip, a decode step far less
+                    if after is None:  # the end, back for the loop to see
+                        messages.put_nowait(None)
+                        break
+                    message = {**after, "body": message["body"] + after.get("body", b"")}
                 yield message
             await task  # the app's own exception, if it raised one
         finally:
@@ -262,12 +269,10 @@ class Router:
 
 def application(presets: list[str], config: ServerConfig, options: RayOptions, loras: list[Lora] = ()):
     """The Ray Serve application: the replicas and the router in front of them."""
-    from keras import backend
-
     scaling = ({"autoscaling_config": {"min_replicas": options.autoscale[0], "max_replicas": options.autoscale[1],
                                        "target_ongoing_requests": config.max_batch}}
                if options.autoscale else {"num_replicas": options.replicas})
-    env = {"KERAS_BACKEND": backend.backend()}
+    env = {"KERAS_BACKEND": backends.describe()["backend"]}  # the replicas run the backend this process chose
     replicas = serve.deployment(replica_class(config.max_loras), name="ZooReplica", max_ongoing_requests=
                                 config.max_batch + config.max_queue, health_check_period_s=2, **scaling,
                                 ray_actor_options={"num_cpus": options.replica_cpus, "num_gpus": options.replica_gpus,
