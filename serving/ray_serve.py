@@ -42,7 +42,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from zoo import backends
-from zoo.errors import ConfigError, DistributionError
+from zoo.errors import ConfigError, DistributionError, ZooError
 from zoo.serving.adapters import Lora
 from zoo.serving.app import ServerConfig, create_app, load_models
 from zoo.serving.protocol import APIError
@@ -158,10 +158,14 @@ def replica_class(max_loras: int):
 
         async def http(self, request: dict, body: bytes):
             """Answers one HTTP request: yields its ASGI messages, the first with this replica's id."""
-            name = serve.get_multiplexed_model_id()
+            app, name = self.app, serve.get_multiplexed_model_id()
             if name in self.loras:
-                await self.adapter(name)
-            async for message in in_process(self.app, request, body):
+                try:
+                    await self.adapter(name)
+                except ZooError as e:  # a source that does not hold a good adapter: the client hears why
+                    app = APIError(400, f"adapter {name!r} cannot be loaded: {e}", param="model",
+                                   code="adapter_not_loaded").response()
+            async for message in in_process(app, request, body):
                 if message["type"] == "http.response.start":
                     message = {**message, "headers": [*message.get("headers", []), (b"x-zoo-replica", self.id.encode())]}
                 yield message
@@ -212,6 +216,9 @@ class Router:
                             "sending it to another" if attempt + 1 < ATTEMPTS else "giving up")
                 await asyncio.sleep(0.25 * 2 ** attempt)
                 continue
+            except Exception:  # a bug in a replica: still OpenAI's error JSON, and logged
+                log.exception("error in a replica answering %s", request.url.path)
+                return APIError(500, "internal server error", "server_error").response()
             headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in start.get("headers", [])}
             if request.url.path == "/v1/models" and start["status"] == 200:
                 return await self.with_adapters(start, first, stream, headers)

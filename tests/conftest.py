@@ -37,6 +37,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # everything else runs on the first of them, as on one device.
 if os.environ.get("KERAS_BACKEND", "jax") == "jax":
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip()
+    # Each program compiles once per run: the models, servers and commands of the run (subprocesses inherit
+    # these) share JAX's persistent compilation cache, every program in it however quick its compile.
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="zoo-tests-jax-cache-"))
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 _real_connect = socket.socket.connect

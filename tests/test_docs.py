@@ -178,10 +178,8 @@ RUN_PYTHON = "import sys\nfor code in sys.argv[1:]:\n    exec(compile(code, '<do
 def run_page(steps: list[tuple[str, str]], cwd: Path) -> None:
     """Runs a page's examples in order in `cwd`, as a reader pasting them would: each Python block in a fresh
     namespace (consecutive blocks share one process), each command in a shell, servers in the background."""
-    env = dict(os.environ, KERAS_BACKEND="jax", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-               # the servers and commands of all pages share one compilation cache: each program compiles once
-               JAX_COMPILATION_CACHE_DIR=str(cwd.parent / "jax-cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    # (the servers and commands of all pages share the run's compilation cache: conftest.py)
+    env = dict(os.environ, KERAS_BACKEND="jax", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     server, python = None, []
 
     def flush():

@@ -126,7 +126,9 @@ def expected(adapter):
 
 @pytest.fixture(scope="module")
 def cluster(adapter):
-    server = RayServer("--replicas", "2", "--lora", f"sql={adapter}", "--max-loras", "2", "--max-model-len", "128")
+    (adapter.parent / "broken").mkdir()  # no adapter in it: answered with an error when asked for
+    server = RayServer("--replicas", "2", "--lora", f"sql={adapter}", "--lora", f"broken={adapter.parent / 'broken'}",
+                       "--max-loras", "2", "--max-model-len", "128")
     try:
         yield server
     finally:
@@ -171,7 +173,10 @@ def test_two_replicas_answer_32_concurrent_requests_as_a_solo_run(cluster, expec
     served = Counter(replica for replica, _ in answers)
     assert len(served) == 2 and min(served.values()) > 0, served  # both replicas served, through one endpoint
     listed = {m["id"]: m for m in httpx.get(cluster.url + "/v1/models", timeout=60).json()["data"]}
-    assert set(listed) == {"gemma_tiny_pycode", "gemma_tiny_pycode_chat", "vit_tiny_digits", "sql"}
+    assert set(listed) == {"gemma_tiny_pycode", "gemma_tiny_pycode_chat", "vit_tiny_digits", "sql", "broken"}
+    broken = httpx.post(cluster.url + "/v1/completions", json={"model": "broken", "prompt": "x"}, timeout=60)
+    assert broken.status_code == 400 and broken.json()["error"]["code"] == "adapter_not_loaded", broken.text
+    assert str(ROOT) not in broken.text and "/tmp" not in broken.text  # no server path in it
     missing = httpx.post(cluster.url + "/v1/completions", json={"model": "nope", "prompt": "x"}, timeout=60)
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"  # relayed as it was
     refused = httpx.post(cluster.url + "/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "y"}, timeout=60)
