@@ -28,6 +28,7 @@ BASE = "gemma_tiny_pycode"
 PROMPTS = ["def add(a, b):", "class Stack:", "import os\n", "for i in range(10):", "# sort a list\n", "def main():",
            "x = [", "while True:"]
 ROOT = Path(__file__).resolve().parents[1]
+LONG = 100  # tokens per request while a replica is stopped: the requests are still running when it stops
 
 
 def free_port() -> int:
@@ -116,7 +117,8 @@ def adapter(tmp_path_factory):
 def expected(adapter):
     """Each prompt's greedy answer alone, from the base and from the base with the adapter merged."""
     lm = zoo.GemmaCausalLM.from_preset(BASE)
-    answers = {None: dict(zip(PROMPTS, lm.generate(PROMPTS, max_new_tokens=24)))}
+    answers = {None: dict(zip(PROMPTS, lm.generate(PROMPTS, max_new_tokens=24))),
+               "long": dict(zip(PROMPTS, lm.generate(PROMPTS, max_new_tokens=LONG)))}
     lm.load_adapter(adapter)
     lm.merge_adapter()
     answers["sql"] = dict(zip(PROMPTS, lm.generate(PROMPTS, max_new_tokens=24)))
@@ -136,7 +138,7 @@ def cluster(adapter):
     assert not [pid for pid in server.pids if _process(pid) is not None]
 
 
-def ask(url: str, jobs: list[dict], stop_a_replica=None):
+def ask(url: str, jobs: list[dict], stop_a_replica=None, max_tokens: int = 24):
     """Sends `jobs` ({model, prompt, stream}) at once with the official client; returns (replica, text) or
     (None, error) for each. `stop_a_replica()` runs once the requests are in flight."""
     from openai import APIStatusError, AsyncOpenAI
@@ -148,11 +150,11 @@ def ask(url: str, jobs: list[dict], stop_a_replica=None):
             try:
                 if job.get("stream"):
                     async with client.completions.with_streaming_response.create(
-                            model=job["model"], prompt=job["prompt"], max_tokens=24, temperature=0, stream=True) as r:
+                            model=job["model"], prompt=job["prompt"], max_tokens=max_tokens, temperature=0, stream=True) as r:
                         text = "".join([c.choices[0].text async for c in await r.parse() if c.choices])
                         return r.headers.get("x-zoo-replica"), text
                 r = await client.completions.with_raw_response.create(model=job["model"], prompt=job["prompt"],
-                                                                      max_tokens=24, temperature=0)
+                                                                      max_tokens=max_tokens, temperature=0)
                 return r.headers.get("x-zoo-replica"), r.parse().choices[0].text
             except APIStatusError as e:
                 return None, e
@@ -161,7 +163,10 @@ def ask(url: str, jobs: list[dict], stop_a_replica=None):
         if stop_a_replica is not None:
             await asyncio.sleep(0.5)
             stop_a_replica()
-        return await asyncio.gather(*tasks)
+        try:
+            return await asyncio.gather(*tasks)
+        finally:
+            await client.close()
 
     return asyncio.run(main())
 
@@ -196,12 +201,12 @@ def test_a_replica_stopped_mid_run_loses_no_request_that_had_not_started(cluster
     victims = cluster.replicas()
     assert len(victims) == 2
     jobs = [{"model": BASE, "prompt": PROMPTS[i % len(PROMPTS)]} for i in range(32)]
-    answers = ask(cluster.url, jobs, stop_a_replica=lambda: victims[0].kill())
+    answers = ask(cluster.url, jobs, stop_a_replica=lambda: victims[0].kill(), max_tokens=LONG)
     retried_or_refused = [a for a in answers if a[0] is None]
     for error in (e for _, e in retried_or_refused):  # a clean 503 is allowed; nothing else is
         assert error.status_code == 503 and error.body["code"] == "replica_unavailable", error
     answered = [(job, text) for job, (replica, text) in zip(jobs, answers) if replica is not None]
-    assert [text for _, text in answered] == [expected[None][job["prompt"]] for job, _ in answered]
+    assert [text for _, text in answered] == [expected["long"][job["prompt"]] for job, _ in answered]
     assert len(answered) >= 24, f"{len(retried_or_refused)} of 32 refused"
     deadline = time.monotonic() + 20  # Ray forwards its workers' logs every few hundred ms
     while not any("stopped before answering" in line for line in cluster.lines) and time.monotonic() < deadline:
