@@ -6,6 +6,7 @@ the client names), in the same continuous batch as the base's requests.
 """
 
 import asyncio
+import json
 import logging
 from dataclasses import dataclass
 
@@ -28,6 +29,24 @@ class Lora:
     name: str
     source: str
     base: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "Lora":
+        """`NAME=PATH_OR_HANDLE`, or vLLM's JSON `{"name": ..., "path": ..., "base_model_name": ...}`."""
+        if text.lstrip().startswith("{"):
+            try:
+                given = json.loads(text)
+            except ValueError as e:
+                raise ConfigError(f"--lora-modules {text!r}: not valid JSON ({e})") from None
+            if not (isinstance(given, dict) and isinstance(given.get("name"), str)
+                    and isinstance(given.get("path"), str)):
+                raise ConfigError(f'--lora-modules {text!r}: expected {{"name": ..., "path": ...}}')
+            return cls(given["name"], given["path"], given.get("base_model_name"))
+        name, sep, source = text.partition("=")
+        if not (sep and name and source):
+            raise ConfigError(f"--lora {text!r}: expected NAME=PATH_OR_HANDLE (a PEFT adapter folder, hf://... or "
+                              "kaggle://...)")
+        return cls(name, source)
 
 
 class ServedAdapters:

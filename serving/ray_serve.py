@@ -66,7 +66,8 @@ class RayOptions:
     def __post_init__(self):
         if self.replicas < 1:
             raise ConfigError(f"--replicas should be at least 1, got {self.replicas}")
-        if self.autoscale is not None and not 0 <= self.autoscale[0] <= self.autoscale[1] or self.autoscale == (0, 0):
+        low, high = self.autoscale or (0, 1)
+        if not 0 <= low <= high or high < 1:
             raise ConfigError(f"--autoscale should be MIN:MAX with 0 <= MIN <= MAX and MAX >= 1, got {self.autoscale}")
 
 
@@ -299,7 +300,7 @@ def build(args: dict):
     def listed(value):
         return [part for part in value.split(",") if part] if isinstance(value, str) else list(value or [])
 
-    presets, loras = listed(args.pop("presets", [])), [Lora(*lora.split("=", 1)) for lora in listed(args.pop("lora", []))]
+    presets, loras = listed(args.pop("presets", [])), [Lora.parse(lora) for lora in listed(args.pop("lora", []))]
     options = RayOptions(replicas=int(args.pop("replicas", 1)), replica_cpus=float(args.pop("replica_cpus", 1.0)),
                          replica_gpus=float(args.pop("replica_gpus", 0.0)),
                          autoscale=parse_autoscale(str(args.pop("autoscale"))) if "autoscale" in args else None)

@@ -249,13 +249,13 @@ def test_the_adapters_base_is_the_one_its_folder_names(adapters):
 
 
 def test_lora_arguments_in_both_spellings():
-    from zoo.cli import _lora_argument, parser
+    from zoo.cli import parser
 
-    assert _lora_argument("sql=hf://someone/sql-lora") == ("sql", "hf://someone/sql-lora", None)
-    assert _lora_argument('{"name": "sql", "path": "/a", "base_model_name": "g"}') == ("sql", "/a", "g")
+    assert Lora.parse("sql=hf://someone/sql-lora") == Lora("sql", "hf://someone/sql-lora", None)
+    assert Lora.parse('{"name": "sql", "path": "/a", "base_model_name": "g"}') == Lora("sql", "/a", "g")
     for bad, says in (("sql", "NAME=PATH"), ("=x", "NAME=PATH"), ("{nope", "not valid JSON"), ('{"name": 1}', "expected")):
         with pytest.raises(ConfigError, match=says):
-            _lora_argument(bad)
+            Lora.parse(bad)
     args = parser().parse_args(["serve", BASE, "--lora", "a=x", "--lora", "b=y", "--lora-modules", "c=z", "d=w",
                                 "--max-lora-rank", "8"])
     assert args.lora == ["a=x", "b=y"] and args.lora_modules == ["c=z", "d=w"] and args.max_lora_rank == 8

@@ -230,6 +230,8 @@ def test_errors():
         ray_serve.RayOptions(replicas=0)
     with pytest.raises(ConfigError, match="unknown argument"):
         ray_serve.build({"presets": BASE, "replica": "2"})
+    with pytest.raises(ConfigError, match="NAME=PATH"):
+        ray_serve.build({"lora": "sql"})
     with pytest.raises(ConfigError, match="max_batch='many'"):
         ray_serve.build({"max_batch": "many"})
     out = subprocess.run([sys.executable, "-m", "zoo.cli", "serve", "--address", f"127.0.0.1:{port}", BASE],

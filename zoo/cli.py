@@ -231,7 +231,7 @@ def _serve(args) -> int:
         raise SystemExit(f"zoo serve needs the serving extra: pip install 'keras-zoo[serve]' ({e})") from None
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    loras = [Lora(*_lora_argument(text)) for text in [*(args.lora or []), *(args.lora_modules or [])]]
+    loras = [Lora.parse(text) for text in [*(args.lora or []), *(args.lora_modules or [])]]
     max_loras = args.max_loras if args.max_loras is not None else max(4, len(loras))
     config = ServerConfig(host=args.host, port=args.port, max_batch=args.max_batch, max_queue=args.max_queue,
                           api_key=args.api_key, max_model_len=args.max_model_len, max_tokens=args.max_tokens,
@@ -254,33 +254,14 @@ def _serve_on_ray(args, config, loras) -> int:
     except ImportError as e:
         raise SystemExit(f"zoo serve --ray needs the serve-ray extra: pip install 'keras-zoo[serve-ray]' ({e})") from None
 
-    options = ray_serve.RayOptions(replicas=args.replicas or 1, address=args.address, replica_cpus=args.replica_cpus,
-                                   autoscale=ray_serve.parse_autoscale(args.autoscale) if args.autoscale else None)
     if args.autoscale and args.replicas is not None:
         raise SystemExit("zoo serve: give --replicas N or --autoscale MIN:MAX, not both")
+    options = ray_serve.RayOptions(replicas=args.replicas or 1, address=args.address, replica_cpus=args.replica_cpus,
+                                   autoscale=ray_serve.parse_autoscale(args.autoscale) if args.autoscale else None)
     app = ray_serve.application(args.presets, config, options, loras)
     where = f"http://{args.host}:{args.port}/v1"
     ray_serve.run(app, config, options, ready=lambda: print(f"serving on Ray Serve at {where}", flush=True))
     return 0
-
-
-def _lora_argument(text: str) -> tuple[str, str, str | None]:
-    """`NAME=PATH_OR_HANDLE`, or vLLM's JSON `{"name": ..., "path": ..., "base_model_name": ...}`."""
-    from zoo.errors import ConfigError
-
-    if text.lstrip().startswith("{"):
-        try:
-            given = json.loads(text)
-        except ValueError as e:
-            raise ConfigError(f"--lora-modules {text!r}: not valid JSON ({e})") from None
-        if not (isinstance(given, dict) and isinstance(given.get("name"), str) and isinstance(given.get("path"), str)):
-            raise ConfigError(f'--lora-modules {text!r}: expected {{"name": ..., "path": ...}}')
-        return given["name"], given["path"], given.get("base_model_name")
-    name, sep, source = text.partition("=")
-    if not (sep and name and source):
-        raise ConfigError(f"--lora {text!r}: expected NAME=PATH_OR_HANDLE (a PEFT adapter folder, hf://... or "
-                          "kaggle://...)")
-    return name, source, None
 
 
 def _add_serve(sub) -> None:
