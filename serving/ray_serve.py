@@ -215,7 +215,8 @@ class Router:
             except REPLICA_GONE as e:
                 log.warning("a replica stopped before answering %s (%s); %s", request.url.path, type(e).__name__,
                             "sending it to another" if attempt + 1 < ATTEMPTS else "giving up")
-                await asyncio.sleep(0.25 * 2 ** attempt)
+                if attempt + 1 < ATTEMPTS:  # no wait after the last try: the client hears at once
+                    await asyncio.sleep(0.25 * 2 ** attempt)
                 continue
             except Exception:  # a bug in a replica: still OpenAI's error JSON, and logged
                 log.exception("error in a replica answering %s", request.url.path)

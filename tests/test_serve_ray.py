@@ -234,6 +234,10 @@ def test_errors():
         ray_serve.build({"lora": "sql"})
     with pytest.raises(ConfigError, match="max_batch='many'"):
         ray_serve.build({"max_batch": "many"})
+    from zoo.cli import main
+
+    with pytest.raises(SystemExit, match="not both"):
+        main(["serve", BASE, "--replicas", "2", "--autoscale", "1:2"])
     out = subprocess.run([sys.executable, "-m", "zoo.cli", "serve", "--address", f"127.0.0.1:{port}", BASE],
                          capture_output=True, text=True, timeout=120, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
     assert out.returncode != 0 and f"cannot reach the Ray cluster at 127.0.0.1:{port}" in out.stderr
