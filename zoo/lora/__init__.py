@@ -12,7 +12,6 @@ variables after build through Keras' private tracker, and merges silently when w
 """
 
 import contextlib
-import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,17 +19,16 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from zoo import backends, hub, presets
+from zoo import backends
 from zoo import distribution as devices
-from zoo.errors import AdapterError, MissingWeightsError, ShapeMismatchError, UnexpectedWeightsError
-from zoo.files import read_json, write_json
+from zoo.errors import AdapterError
+from zoo.files import write_json
 from zoo.layers.dense import LowRank, Replacement
 from zoo.lora.config import ALL_LINEAR, Settings
-from zoo.lora.modules import Module, by_name, modules
-from zoo.safetensors_file import TensorInfo, read_header, read_tensor, write_safetensors
+from zoo.lora.modules import Module, by_name, examples, heads, modules, targeted
+from zoo.lora.peft_files import CONFIG_FILE, PREFIX, WEIGHTS_FILE, base_model, current_names, read_adapter
+from zoo.safetensors_file import write_safetensors
 
-CONFIG_FILE, WEIGHTS_FILE = hub.ADAPTER_FILES
-PREFIX = "base_model.model."  # PEFT's prefix of every tensor name
 _NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 
@@ -84,15 +82,15 @@ def enable(model, rank: int = 8, alpha: float | None = None, targets=None, dropo
     if not isinstance(targets, str):
         unknown = [t for t in targets if not any(n == t or n.endswith("." + t) for m in found for n in m.names)]
         if unknown:
-            raise AdapterError(f"enable_lora: this model has no module named {unknown}; {_examples(found)}")
-    targeted = _targeted(settings, found, "enable_lora")
-    heads = _heads(settings.modules_to_save, found, "enable_lora")
+            raise AdapterError(f"enable_lora: this model has no module named {unknown}; {examples(found)}")
+    chosen = targeted(settings, found, "enable_lora")
+    new_heads = heads(settings.modules_to_save, found, "enable_lora")
     values = {}
-    for module in targeted:
+    for module in chosen:
         r, fan_in = settings.rank(module.name), module.in_size
         bound = 1 / np.sqrt(fan_in)  # PEFT's default: A kaiming-uniform (a = sqrt(5)), B zero
         values[module.name] = (keras.initializers.RandomUniform(-bound, bound), keras.initializers.Zeros(), r)
-    _attach(model, name, settings, targeted, values, {m.name: None for m in heads})
+    _attach(model, name, settings, chosen, values, {m.name: None for m in new_heads})
     return name
 
 
@@ -104,88 +102,6 @@ def load(model, source, name: str | None = None) -> str:
     read = read_adapter(model, source)
     _attach(model, name, read.settings, read.targeted, read.values, read.heads, scale_names=read.spelled)
     return name
-
-
-@dataclass(frozen=True, eq=False)
-class Read:
-    """A PEFT adapter folder read and checked against a model: its settings, the modules it adapts with
-    their (A, B, rank) arrays, its `modules_to_save` (weight, bias), and each module as the file spells it."""
-
-    settings: Settings
-    targeted: list
-    values: dict
-    heads: dict
-    spelled: dict
-
-    def scale(self, module: Module) -> float:
-        return self.settings.scale(self.spelled.get(module, module.name))
-
-
-def read_adapter(model, source) -> Read:
-    """Reads a PEFT adapter folder for `model`, every tensor checked against the module it adapts."""
-    folder = hub.resolve(source, adapter=True)
-    config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
-    if not config_path.is_file():
-        found = sorted(p.name for p in folder.iterdir())[:8]
-        raise AdapterError(f"{hub.short_name(source)}: no {CONFIG_FILE} (a PEFT adapter folder holds {CONFIG_FILE} "
-                           f"and {WEIGHTS_FILE}); found {found}")
-    settings = Settings.from_peft(read_json(config_path, error=AdapterError), CONFIG_FILE)
-    if not weights_path.is_file():
-        raise AdapterError(f"{hub.short_name(source)}: no {WEIGHTS_FILE} (keras-zoo reads adapter weights in "
-                           "safetensors; adapter_model.bin is not read)")
-    header = read_header(weights_path)
-    found = modules(model)
-    names = by_name(found)
-    lora, heads = {}, {}  # module -> {"A"/"B" or "weight"/"bias": TensorInfo}, and the name the file uses
-    spelled = {}
-    for key, (shape, dtype, offset) in header.items():
-        info = TensorInfo(key, weights_path, shape, dtype, offset)
-        stem = key[len(PREFIX):] if key.startswith(PREFIX) else key
-        if m := re.fullmatch(r"(.+)\.lora_([AB])\.weight", stem):
-            module_name, part, into = m.group(1), m.group(2), lora
-        elif (m := re.fullmatch(r"(.+)\.(weight|bias)", stem)) and any(
-                m.group(1).endswith(s) for s in settings.modules_to_save):
-            module_name, part, into = m.group(1), m.group(2), heads
-        else:
-            raise UnexpectedWeightsError(f"{WEIGHTS_FILE}: tensor {key} {shape} is not a LoRA weight keras-zoo "
-                                         "reads (lora_A/lora_B of a linear module, or a module in modules_to_save)")
-        if module_name not in names:
-            raise AdapterError(f"{WEIGHTS_FILE}: tensor {key} adapts module {module_name!r}, which this model does "
-                               f"not have; {_examples(found)}")
-        module = names[module_name]
-        into.setdefault(module, {})[part] = info
-        spelled[module] = module_name
-    targeted = _targeted(settings, found, CONFIG_FILE)
-    missing = [f"{PREFIX}{m.name}.lora_{p}.weight" for m in targeted for p in "AB" if p not in lora.get(m, {})]
-    if missing:
-        raise MissingWeightsError(f"{WEIGHTS_FILE}: the config targets modules whose weights are missing: "
-                                  f"{', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}")
-    untargeted = [spelled[m] for m in lora if m not in targeted]
-    if untargeted:
-        raise UnexpectedWeightsError(f"{WEIGHTS_FILE}: holds weights for {untargeted[:6]}, which {CONFIG_FILE}'s "
-                                     f"target_modules ({settings.target_modules!r}) do not select")
-    values = {}
-    for module in targeted:
-        r = settings.rank(spelled[module])
-        a, b = lora[module]["A"], lora[module]["B"]
-        for info, expected in ((a, (r, module.in_size)), (b, (sum(module.out_sizes), r))):
-            if tuple(info.shape) != expected:
-                raise ShapeMismatchError(f"{WEIGHTS_FILE}: {info.name}: expected {expected} (rank {r} on module "
-                                         f"{spelled[module]}, whose weight is {(sum(module.out_sizes), module.in_size)}), "
-                                         f"got {tuple(info.shape)}")
-        values[module.name] = (_read(a), _read(b), r)
-    head_values = {}
-    for module, parts in heads.items():
-        layer = module.layers[0]
-        expected = {"weight": (sum(module.out_sizes), module.in_size),
-                    "bias": (sum(module.out_sizes),) if layer.bias is not None else None}
-        for part, info in parts.items():
-            if tuple(info.shape) != expected[part]:
-                raise ShapeMismatchError(f"{WEIGHTS_FILE}: {info.name}: expected {expected[part]} (the model's "
-                                         f"{spelled[module]}.{part}), got {tuple(info.shape)}")
-        head_values[module.name] = (_read(parts["weight"]) if "weight" in parts else None,
-                                    _read(parts["bias"]) if "bias" in parts else None)
-    return Read(settings, targeted, values, head_values, spelled)
 
 
 def save(model, folder, name: str | None = None) -> Path:
@@ -203,10 +119,10 @@ def save(model, folder, name: str | None = None) -> Path:
             tensors[f"{PREFIX}{module.name}.weight"] = _numpy(head.kernel).reshape(layer.out_in_shape)
             if head.bias is not None:
                 tensors[f"{PREFIX}{module.name}.bias"] = _numpy(head.bias).reshape(-1)
-    base, revision = _base_model(model)
+    base, revision = base_model(model)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    write_json(folder / CONFIG_FILE, _current_names(adapter).to_peft(model._lora_task_type, base, revision))
+    write_json(folder / CONFIG_FILE, current_names(adapter.settings, adapter.parts).to_peft(model._lora_task_type, base, revision))
     write_safetensors(folder / WEIGHTS_FILE, tensors, metadata={"format": "pt"})
     return folder
 
@@ -308,25 +224,6 @@ def _activate(model, name: str | None) -> None:
     model.train_function = model.test_function = model.predict_function = None
 
 
-def _targeted(settings: Settings, found: list[Module], where: str) -> list[Module]:
-    targeted = [m for m in found if settings.targets(m.names, m.index)]
-    if not targeted:
-        raise AdapterError(f"{where}: target_modules {settings.target_modules!r} select no module of this model; "
-                           f"{_examples(found)}")
-    return targeted
-
-
-def _heads(names: tuple[str, ...], found: list[Module], where: str) -> list[Module]:
-    heads = []
-    for wanted in names:
-        matches = [m for m in found if any(n == wanted or n.endswith("." + wanted) for n in m.names)]
-        if not matches:
-            raise AdapterError(f"{where}: modules_to_save names {wanted!r}, which this model does not have; "
-                               f"{_examples(found)}")
-        heads += matches
-    return heads
-
-
 def _check_new_name(model, name) -> None:
     if not (isinstance(name, str) and _NAME.fullmatch(name)):
         raise AdapterError(f"adapter name: expected letters, digits, '_' or '-', got {name!r}")
@@ -347,36 +244,6 @@ def _existing(model, name: str | None, where: str) -> str:
     return name
 
 
-def _current_names(adapter: _Adapter) -> Settings:
-    """The settings with module names as `save_adapter` writes them: an adapter read under other names
-    (transformers 4's `query`) lists the modules it adapts by their full current names instead."""
-    settings = adapter.settings
-    adapted = [m for m, placed in adapter.parts if isinstance(placed[0][1], LowRank)]
-    names = [m.name for m in adapted]
-    if not isinstance(settings.target_modules, str) and not all(
-            any(n == t or n.endswith("." + t) for n in names) for t in settings.target_modules):
-        settings = dataclasses.replace(settings, target_modules=tuple(names), layers_to_transform=None,
-                                       layers_pattern=None)
-
-    def renamed(patterns: dict) -> dict:
-        out = {}
-        for key, value in patterns.items():
-            hits = [m for m in adapted if any(re.match(rf"(.*\.)?({key})$", n) for n in m.names)]
-            if hits and not any(re.match(rf"(.*\.)?({key})$", m.name) for m in hits):
-                out.update({m.name: value for m in hits})
-            else:
-                out[key] = value
-        return out
-
-    return dataclasses.replace(settings, rank_pattern=renamed(settings.rank_pattern),
-                               alpha_pattern=renamed(settings.alpha_pattern))
-
-
-def _examples(found: list[Module]) -> str:
-    short = sorted({m.name.rsplit(".", 1)[-1] for m in found})
-    return f"its linear modules are named {short} (e.g. {found[0].name!r})" if found else "it has no linear modules"
-
-
 @contextlib.contextmanager
 def _scope(model, layer, adapter_name: str):
     """Variables named `<layer path>/<adapter>/lora_A`: unique, and readable in `model.weights`; under the
@@ -395,24 +262,5 @@ def _variable(value, shape: tuple, name: str, dtype: str = "float32") -> keras.V
     return keras.Variable(value, shape=shape, dtype=dtype, trainable=True, name=name)
 
 
-def _read(info: TensorInfo) -> np.ndarray:
-    with open(info.file, "rb") as f:
-        return read_tensor(f, info).astype(np.float32)
-
-
 def _numpy(variable) -> np.ndarray:
     return keras.ops.convert_to_numpy(variable.value).astype(np.float32)
-
-
-def _base_model(model) -> tuple[str | None, str | None]:
-    """base_model_name_or_path and revision: the Hub repository the model came from, where known."""
-    source = getattr(model, "source", None) or {}
-    source = source.get("base", source)  # a model loaded from an adapter folder: the base under it
-    handle = source.get("handle")
-    if isinstance(handle, str) and "://" not in handle and not Path(handle).exists():
-        with contextlib.suppress(Exception):  # a preset name: its card's Hugging Face source
-            handle = next((s for s in presets.get(handle).sources if s.startswith("hf://")), handle)
-    if isinstance(handle, str) and handle.startswith("hf://"):
-        h = hub.parse(handle)
-        return h.repo, source.get("commit") or h.revision
-    return handle, None

@@ -31,7 +31,8 @@ from keras import ops
 from zoo import backends, hub
 from zoo.errors import AdapterError, DistributionError
 from zoo.layers.dense import Bank
-from zoo.lora import _NAME, _scope, read_adapter
+from zoo.lora import _NAME, _scope
+from zoo.lora.peft_files import read_adapter
 from zoo.lora.modules import modules
 
 log = logging.getLogger("zoo.lora")

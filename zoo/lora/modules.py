@@ -10,8 +10,10 @@ from dataclasses import dataclass
 
 import keras
 
+from zoo.errors import AdapterError
 from zoo.key_map import layer_indices, weights_by_path
 from zoo.layers.dense import EinsumDense
+from zoo.lora.config import Settings
 
 
 @dataclass(frozen=True, eq=False)
@@ -87,3 +89,27 @@ def _layer_at(model, path: str):
             return None
         layer = child
     return layer
+
+
+def examples(found: list[Module]) -> str:
+    short = sorted({m.name.rsplit(".", 1)[-1] for m in found})
+    return f"its linear modules are named {short} (e.g. {found[0].name!r})" if found else "it has no linear modules"
+
+
+def targeted(settings: Settings, found: list[Module], where: str) -> list[Module]:
+    targeted = [m for m in found if settings.targets(m.names, m.index)]
+    if not targeted:
+        raise AdapterError(f"{where}: target_modules {settings.target_modules!r} select no module of this model; "
+                           f"{examples(found)}")
+    return targeted
+
+
+def heads(names: tuple[str, ...], found: list[Module], where: str) -> list[Module]:
+    heads = []
+    for wanted in names:
+        matches = [m for m in found if any(n == wanted or n.endswith("." + wanted) for n in m.names)]
+        if not matches:
+            raise AdapterError(f"{where}: modules_to_save names {wanted!r}, which this model does not have; "
+                               f"{examples(found)}")
+        heads += matches
+    return heads
