@@ -14,8 +14,9 @@ backend runs; the rest of the package is `keras.ops`. Each backend module provid
   weights, compiled (`COMPILER`), the cache updated in place where the backend can. A compiled
   step keeps the weights it was made with: make it again when `weights_signature` changes.
 - `make_predict_function(model, make)`: Keras' predict function (`make()` builds it) or a faster one.
-- Loading: `placeholder(shape, dtype, shared, layout=None)` (a skipped initialiser's value, which the checkpoint's
-  replaces), `set_value(variable, array)` (a fresh host array becomes the weight, without a copy
+- Loading: `building()`, a context the model is built in before its checkpoint is read (a cheaper way to
+  make variables, where the backend has one), `placeholder(shape, dtype, shared, layout=None)` (a skipped
+  initialiser's value, which the checkpoint's replaces), `set_value(variable, array)` (a fresh host array becomes the weight, without a copy
   where the backend allows), `read_mapped(path, names)` (tensors as views of the file's mapping)
   or None, `adopts_host_buffers()` and `read_ahead_threads(bounded)`.
 - `track_weights(layer, variables)`, `untrack_weights(layer, variables)`: weights added to a built
@@ -47,6 +48,7 @@ device, linear, matmul_out_in, gelu = _current.device, _current.linear, _current
 write_slices, compile_step, make_predict_function = (_current.write_slices, _current.compile_step,
                                                       _current.make_predict_function)
 placeholder, set_value, read_mapped = _current.placeholder, _current.set_value, _current.read_mapped
+building = _current.building
 adopts_host_buffers, read_ahead_threads = _current.adopts_host_buffers, _current.read_ahead_threads
 ATTENTION_KERNELS = _current.ATTENTION_KERNELS
 EXPORTS, exporting, export_options = _current.EXPORTS, _current.exporting, _current.export_options

@@ -94,6 +94,9 @@ def _zeros(shape, dtype, shared: dict | None):
     return shared[key]
 
 
+building = contextlib.nullcontext  # nothing to do while a checkpoint's model is built
+
+
 def placeholder(shape, dtype, shared: dict | None = None, layout=None):
     """Zeros that cost nothing: calloc'ed pages adopted by XLA without a copy (`jnp.zeros` would compile and
     run a fill per shape). JAX arrays are immutable and `assign` replaces them, so the weights of one shape

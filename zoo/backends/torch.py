@@ -170,6 +170,9 @@ def export_options(format: str) -> dict:
 # ----------------------------------------------------------------------------- loading weights
 
 
+building = contextlib.nullcontext  # nothing to do while a checkpoint's model is built
+
+
 def placeholder(shape, dtype, shared: dict | None = None, layout=None):  # (no layouts here)
     # calloc'ed pages, untouched until the checkpoint's values arrive; each weight its own.
     if dtype == "bfloat16":

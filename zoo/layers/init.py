@@ -18,10 +18,12 @@ _SKIP = contextvars.ContextVar("zoo_skip_init", default=None)  # while skipping:
 
 @contextlib.contextmanager
 def skip_init():
-    """Within this block, `Skippable` initialisers return placeholders (see `backends.placeholder`)."""
+    """Within this block, `Skippable` initialisers return placeholders (see `backends.placeholder`), and variables
+    are made as `backends.building` makes them."""
     token = _SKIP.set({})
     try:
-        yield
+        with backends.building():
+            yield
     finally:
         _SKIP.reset(token)
 
