@@ -81,11 +81,23 @@ def test_generation_past_the_models_positions_says_so(tmp_path):
         lm.generate(prompt, max_new_tokens=500)
 
 
+@pytest.mark.skipif(os.environ.get("KERAS_BACKEND", "jax") != "jax",
+                    reason="backend-independent (the script starts its own processes): run once, in the JAX run")
 def test_the_test_script_runs_the_backends_named(tmp_path):
     proc = subprocess.run(["bash", "scripts/test.sh", "torch", "--collect-only", "-q", "tests/test_presets.py"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:]
     assert "=== KERAS_BACKEND=torch" in proc.stdout and "KERAS_BACKEND=jax" not in proc.stdout
+    both = subprocess.run(["bash", "scripts/test.sh", "torch", "tensorflow", "--collect-only", "-q",
+                           "tests/test_presets.py"], capture_output=True, text=True, timeout=300)
+    assert both.returncode == 0, both.stdout[-2000:]  # two at once, each printed whole under its own header
+    for backend in ("torch", "tensorflow"):
+        assert both.stdout.count(f"=== KERAS_BACKEND={backend}\n") == 1
+    torch_part = both.stdout.split("=== KERAS_BACKEND=torch\n")[1].split("=== KERAS_BACKEND=")[0]
+    assert "tests collected" in torch_part or "test_presets.py" in torch_part
+    failing = subprocess.run(["bash", "scripts/test.sh", "torch", "tensorflow", "-q", "tests/no_such_file.py"],
+                             capture_output=True, text=True, timeout=300)
+    assert failing.returncode == 1 and failing.stdout.count("=== KERAS_BACKEND=") == 2
 
 
 @pytest.mark.parametrize("args", [["classify", "--samples", "--top-k", "1"], ["generate", "def add", "--max-new-tokens", "4"]])
