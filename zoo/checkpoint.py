@@ -25,7 +25,7 @@ from zoo import backends
 from zoo.errors import CorruptCheckpointError, PresetNotFoundError
 from zoo.files import read_json, write_json
 from zoo.host import ALIGNMENT, astype_aligned
-from zoo.safetensors_file import (FLOAT_CODES, Prefetcher, TensorInfo, numpy_dtype, read_header, read_tensor,
+from zoo.safetensors_file import (FLOAT_CODES, FiniteCheck, Prefetcher, TensorInfo, numpy_dtype, read_header, read_tensor,
                                   write_safetensors)
 
 SINGLE_FILE = "model.safetensors"
@@ -160,6 +160,13 @@ class Checkpoint:
         if threads is None:
             threads = backends.read_ahead_threads(bounded=max_bytes is not None)
         self._prefetch = Prefetcher(order, max_bytes, threads, cast_to if max_bytes is None else None)
+
+    def check_finite(self, weight_dtype) -> FiniteCheck:
+        """Starts checking the floating tensors stored as `weight_dtype` for NaN and infinity in a background
+        thread (`FiniteCheck.answer`); a tensor cast on loading is checked after the cast, by the caller."""
+        weight_dtype = np.dtype(weight_dtype)
+        return FiniteCheck([info for info in self.tensors.values()
+                            if info.dtype.startswith(FLOAT_CODES) and numpy_dtype(info.dtype) == weight_dtype])
 
     def stop_prefetch(self) -> None:
         if self._prefetch is not None:

@@ -192,11 +192,14 @@ def _expected_source(rows: list[Row], path: str, weights: dict) -> tuple[str, Sh
     return f"<no row of the key map fills {path}>", None
 
 
-def load(assignments: list[Assignment], checkpoint: Checkpoint, weights: dict, check_finite: bool = True) -> None:
+def load(assignments: list[Assignment], checkpoint: Checkpoint, weights: dict, check_finite: bool = True,
+         finite=None) -> None:
     """Streams each planned tensor into its weight(s), casting to the weight's dtype; with `check_finite`, a
-    tensor holding NaN or infinity is a `CorruptCheckpointError` (a model that would answer NaN)."""
+    tensor holding NaN or infinity is a `CorruptCheckpointError` (a model that would answer NaN). `finite`:
+    a `FiniteCheck` that has the answer for some tensors already (the others are checked here)."""
     for a, array in zip(assignments, checkpoint.read_many([a.source.name for a in assignments])):
-        if check_finite and not all_finite(array):
+        known = finite.answer(a.source.name) if check_finite and finite is not None else None
+        if check_finite and not (known if known is not None else all_finite(array)):
             raise CorruptCheckpointError(f"{a.source.name} in {a.source.file.name} holds NaN or infinite values; "
                                          "pass allow_nonfinite=True to from_preset to load it anyway")
         transform = TRANSFORMS[a.transform]

@@ -139,6 +139,8 @@ def from_preset(cls, preset: str | os.PathLike, dtype: str | None = None, allow_
         distribution = devices.for_model(distribution, config)
     elif backends.read_mapped is None:  # reads (and casts) while the layers are built
         checkpoint.prefetch(_read_ahead_limit(checkpoint, weight_dtype), cast_to=weight_dtype)
+    # The NaN/infinity check of the tensors loaded as stored runs while the layers are built, too.
+    finite = checkpoint.check_finite(weight_dtype) if distribution is None and not allow_nonfinite else None
     try:
         with _collector_paused(), distribution.scope() if distribution is not None else contextlib.nullcontext():
             with skip_init():
@@ -146,10 +148,14 @@ def from_preset(cls, preset: str | os.PathLike, dtype: str | None = None, allow_
             fresh = model._fresh_weights()
             weights = {path: v for path, v in weights_by_path(model).items() if path not in fresh}
             assignments = plan(model.key_map(model.config), checkpoint, weights)
-            (load if distribution is None else load_sharded)(assignments, checkpoint, weights,
-                                                             check_finite=not allow_nonfinite)
+            if distribution is None:
+                load(assignments, checkpoint, weights, check_finite=not allow_nonfinite, finite=finite)
+            else:
+                load_sharded(assignments, checkpoint, weights, check_finite=not allow_nonfinite)
     finally:
         checkpoint.stop_prefetch()
+        if finite is not None:
+            finite.stop()
     model.distribution = distribution
     model._after_load()
     model.source = hub.describe(preset, folder)

@@ -3,11 +3,13 @@
 `read_header` validates a header with the safetensors library and says which part of a file it
 rejected. `read_tensor` reads a tensor straight into a fresh 64-byte-aligned buffer, which JAX and
 TensorFlow adopt as it is (the library cannot read into a buffer we give it). `Prefetcher` runs
-those reads in threads; `write_safetensors` writes a file with aligned tensors.
+those reads in threads, `FiniteCheck` the NaN/infinity check; `write_safetensors` writes a file with
+aligned tensors.
 """
 
 import json
 import math
+import mmap
 import struct
 import threading
 from dataclasses import dataclass
@@ -17,7 +19,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from zoo.errors import CheckpointError, CorruptCheckpointError
-from zoo.host import ALIGNMENT, aligned_empty, astype_aligned
+from zoo.host import ALIGNMENT, aligned_empty, all_finite, astype_aligned
 
 # Bytes per element of each safetensors dtype code.
 DTYPE_SIZES = {
@@ -250,6 +252,66 @@ def _diagnose(path: Path, error: Exception) -> str:
 
 
 # ----------------------------------------------------------------------------- writing
+
+
+class FiniteCheck:
+    """Whether tensors hold NaN or infinity, answered by a background thread reading them in file order from
+    a read-only mapping of their files, so that the check overlaps building the model. (NumPy releases the
+    GIL while it reads; the pages it reads are the page cache's, which the load maps or copies anyway.)"""
+
+    def __init__(self, tensors: list[TensorInfo], threads: int = 2):
+        self._cond = threading.Condition()
+        self._answers: dict[str, bool] = {}
+        self._pending = {info.name for info in tensors}
+        self._stopped = False
+        ordered = sorted(tensors, key=lambda t: (str(t.file), t.offset))
+        self._threads = [threading.Thread(target=self._run, args=(ordered[i::threads],), name="zoo-checkpoint-finite",
+                                          daemon=True) for i in range(threads)]
+        for thread in self._threads:
+            thread.start()
+
+    def _run(self, tensors: list[TensorInfo]) -> None:
+        mappings = {}
+        try:
+            for info in tensors:
+                if self._stopped:
+                    break
+                if info.file not in mappings:
+                    with open(info.file, "rb") as f:
+                        mappings[info.file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                mapping = mappings[info.file]
+                answer = None  # a tensor the file does not hold whole: the caller's read reports it
+                if info.offset + info.nbytes <= len(mapping):
+                    data = np.frombuffer(mapping, np.uint8, count=info.nbytes, offset=info.offset)
+                    answer = all_finite(data.view(numpy_dtype(info.dtype)))
+                    del data  # no view may outlive the mapping
+                with self._cond:
+                    self._pending.discard(info.name)
+                    if answer is not None:
+                        self._answers[info.name] = answer
+                    self._cond.notify_all()
+        except (OSError, ValueError):
+            pass  # unreadable here: the caller checks what it reads itself
+        finally:
+            for mapping in mappings.values():
+                mapping.close()
+            with self._cond:
+                self._pending.difference_update(info.name for info in tensors)
+                self._cond.notify_all()
+
+    def answer(self, name: str) -> bool | None:
+        """The tensor's answer, waited for; None if this check does not have one (the caller checks itself)."""
+        with self._cond:
+            while name in self._pending and not self._stopped:
+                self._cond.wait()
+            return self._answers.get(name)
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+        for thread in self._threads:
+            thread.join()
 
 
 def write_safetensors(path: Path, arrays: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
