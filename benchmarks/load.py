@@ -135,10 +135,13 @@ def worker(loader: str, folder: Path) -> None:
         def load():
             return ViTForImageClassification.from_pretrained(folder)
     elif loader == "keras-zoo":
-        import zoo
+        from zoo import ViTImageClassifier  # `import zoo` alone is lazy: this imports Keras and its backend
+        from zoo.models import register_all
+
+        register_all()  # the model families, as transformers' import above brings its model's module
 
         def load():
-            return zoo.ViTImageClassifier.from_preset(folder)
+            return ViTImageClassifier.from_preset(folder)
     else:
         raise SystemExit(f"unknown loader {loader}")
     baseline = rss_mib()

@@ -161,12 +161,15 @@ class Checkpoint:
             threads = backends.read_ahead_threads(bounded=max_bytes is not None)
         self._prefetch = Prefetcher(order, max_bytes, threads, cast_to if max_bytes is None else None)
 
-    def check_finite(self, weight_dtype) -> FiniteCheck:
-        """Starts checking the floating tensors stored as `weight_dtype` for NaN and infinity in a background
-        thread (`FiniteCheck.answer`); a tensor cast on loading is checked after the cast, by the caller."""
-        weight_dtype = np.dtype(weight_dtype)
+    def check_finite(self) -> FiniteCheck | None:
+        """Starts checking the floating tensors `read_many` serves as views of the file's mapping (stored as
+        they load: none is cast) for NaN and infinity, in background threads (`FiniteCheck.answer`). The
+        tensors read as copies are checked by the caller, as read (mapping them here too would count their
+        pages twice while the copies are made); None where the backend maps the files itself."""
+        if backends.read_mapped is not None:
+            return None
         return FiniteCheck([info for info in self.tensors.values()
-                            if info.dtype.startswith(FLOAT_CODES) and numpy_dtype(info.dtype) == weight_dtype])
+                            if info.dtype.startswith(FLOAT_CODES) and self._mappable(info)], self._view)
 
     def stop_prefetch(self) -> None:
         if self._prefetch is not None:

@@ -139,8 +139,8 @@ def from_preset(cls, preset: str | os.PathLike, dtype: str | None = None, allow_
         distribution = devices.for_model(distribution, config)
     elif backends.read_mapped is None:  # reads (and casts) while the layers are built
         checkpoint.prefetch(_read_ahead_limit(checkpoint, weight_dtype), cast_to=weight_dtype)
-    # The NaN/infinity check of the tensors loaded as stored runs while the layers are built, too.
-    finite = checkpoint.check_finite(weight_dtype) if distribution is None and not allow_nonfinite else None
+    # The NaN/infinity check of the tensors adopted from the file's mapping runs while the layers are built, too.
+    finite = checkpoint.check_finite() if distribution is None and not allow_nonfinite else None
     try:
         with _collector_paused(), distribution.scope() if distribution is not None else contextlib.nullcontext():
             with skip_init():

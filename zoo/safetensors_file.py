@@ -9,7 +9,6 @@ aligned tensors.
 
 import json
 import math
-import mmap
 import struct
 import threading
 from dataclasses import dataclass
@@ -255,46 +254,37 @@ def _diagnose(path: Path, error: Exception) -> str:
 
 
 class FiniteCheck:
-    """Whether tensors hold NaN or infinity, answered by a background thread reading them in file order from
-    a read-only mapping of their files, so that the check overlaps building the model. (NumPy releases the
-    GIL while it reads; the pages it reads are the page cache's, which the load maps or copies anyway.)"""
+    """Whether tensors hold NaN or infinity, answered by background threads reading them in file order, so
+    that the check overlaps building the model. `view(info)` gives a tensor's array: the views of the file's
+    mapping that the load adopts as weights, so the pages read here are the ones the model maps anyway.
+    (NumPy releases the GIL while it reads.)"""
 
-    def __init__(self, tensors: list[TensorInfo], threads: int = 2):
+    def __init__(self, tensors: list[TensorInfo], view, threads: int = 2):
         self._cond = threading.Condition()
         self._answers: dict[str, bool] = {}
         self._pending = {info.name for info in tensors}
         self._stopped = False
         ordered = sorted(tensors, key=lambda t: (str(t.file), t.offset))
-        self._threads = [threading.Thread(target=self._run, args=(ordered[i::threads],), name="zoo-checkpoint-finite",
-                                          daemon=True) for i in range(threads)]
+        self._threads = [threading.Thread(target=self._run, args=(ordered[i::threads], view),
+                                          name="zoo-checkpoint-finite", daemon=True) for i in range(threads)]
         for thread in self._threads:
             thread.start()
 
-    def _run(self, tensors: list[TensorInfo]) -> None:
-        mappings = {}
+    def _run(self, tensors: list[TensorInfo], view) -> None:
         try:
             for info in tensors:
                 if self._stopped:
                     break
-                if info.file not in mappings:
-                    with open(info.file, "rb") as f:
-                        mappings[info.file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-                mapping = mappings[info.file]
-                answer = None  # a tensor the file does not hold whole: the caller's read reports it
-                if info.offset + info.nbytes <= len(mapping):
-                    data = np.frombuffer(mapping, np.uint8, count=info.nbytes, offset=info.offset)
-                    answer = all_finite(data.view(numpy_dtype(info.dtype)))
-                    del data  # no view may outlive the mapping
+                try:
+                    answer = all_finite(view(info))
+                except CorruptCheckpointError:
+                    answer = None  # the file does not hold it whole: the caller's read reports it
                 with self._cond:
                     self._pending.discard(info.name)
                     if answer is not None:
                         self._answers[info.name] = answer
                     self._cond.notify_all()
-        except (OSError, ValueError):
-            pass  # unreadable here: the caller checks what it reads itself
         finally:
-            for mapping in mappings.values():
-                mapping.close()
             with self._cond:
                 self._pending.difference_update(info.name for info in tensors)
                 self._cond.notify_all()
