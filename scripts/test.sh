@@ -32,7 +32,7 @@ fi
 
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
-trap 'kill 0' INT TERM  # both lanes stop with the script
+trap 'trap - INT TERM; kill 0' INT TERM  # both lanes stop with the script
 lane() {  # lane BACKEND... -- [pytest args]: the backends one after another, each printed whole when it ends
   local mine=() backend
   while [ "$1" != "--" ]; do mine+=("$1"); shift; done
@@ -44,8 +44,8 @@ lane() {  # lane BACKEND... -- [pytest args]: the backends one after another, ea
   done
 }
 lane "${backends[0]}" -- "$@" &
-lane "${backends[@]:1}" -- "$@"
-wait
+lane "${backends[@]:1}" -- "$@" &
+wait  # (a signal's trap runs at once while the script waits here)
 status=0
 for backend in "${backends[@]}"; do
   [ "$(cat "$scratch/$backend.status" 2>/dev/null)" = 0 ] || status=1

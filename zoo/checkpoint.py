@@ -25,8 +25,8 @@ from zoo import backends
 from zoo.errors import CorruptCheckpointError, PresetNotFoundError
 from zoo.files import read_json, write_json
 from zoo.host import ALIGNMENT, astype_aligned
-from zoo.safetensors_file import (FLOAT_CODES, FiniteCheck, Prefetcher, TensorInfo, numpy_dtype, read_header, read_tensor,
-                                  write_safetensors)
+from zoo.safetensors_file import (FLOAT_CODES, FiniteCheck, Prefetcher, TensorInfo, numpy_dtype, read_header,
+                                  read_tensor, write_safetensors)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"

@@ -198,10 +198,11 @@ def load(assignments: list[Assignment], checkpoint: Checkpoint, weights: dict, c
     tensor holding NaN or infinity is a `CorruptCheckpointError` (a model that would answer NaN). `finite`:
     a `FiniteCheck` that has the answer for some tensors already (the others are checked here)."""
     for a, array in zip(assignments, checkpoint.read_many([a.source.name for a in assignments])):
-        known = finite.answer(a.source.name) if check_finite and finite is not None else None
-        if check_finite and not (known if known is not None else all_finite(array)):
-            raise CorruptCheckpointError(f"{a.source.name} in {a.source.file.name} holds NaN or infinite values; "
-                                         "pass allow_nonfinite=True to from_preset to load it anyway")
+        if check_finite:
+            known = finite.answer(a.source.name) if finite is not None else None
+            if not (all_finite(array) if known is None else known):
+                raise CorruptCheckpointError(f"{a.source.name} in {a.source.file.name} holds NaN or infinite values; "
+                                             "pass allow_nonfinite=True to from_preset to load it anyway")
         transform = TRANSFORMS[a.transform]
         shapes = [tuple(weights[t].shape) for t in a.targets]
         sizes = [transform.source_shape(s)[0] for s in shapes]

@@ -184,6 +184,57 @@ class Prefetcher:
             thread.join()
 
 
+class FiniteCheck:
+    """Whether tensors hold NaN or infinity, answered by background threads reading them in file order, so
+    that the check overlaps building the model. `view(info)` gives a tensor's array: the views of the file's
+    mapping that the load adopts as weights, so the pages read here are the ones the model maps anyway.
+    (NumPy releases the GIL while it reads.)"""
+
+    def __init__(self, tensors: list[TensorInfo], view, threads: int = 2):
+        self._cond = threading.Condition()
+        self._answers: dict[str, bool] = {}
+        self._pending = {info.name for info in tensors}
+        self._stopped = False
+        ordered = sorted(tensors, key=lambda t: (str(t.file), t.offset))
+        self._threads = [threading.Thread(target=self._run, args=(ordered[i::threads], view),
+                                          name="zoo-checkpoint-finite", daemon=True) for i in range(threads)]
+        for thread in self._threads:
+            thread.start()
+
+    def _run(self, tensors: list[TensorInfo], view) -> None:
+        try:
+            for info in tensors:
+                if self._stopped:
+                    break
+                try:
+                    answer = all_finite(view(info))
+                except CorruptCheckpointError:
+                    answer = None  # the file does not hold it whole: the caller's read reports it
+                with self._cond:
+                    self._pending.discard(info.name)
+                    if answer is not None:
+                        self._answers[info.name] = answer
+                    self._cond.notify_all()
+        finally:
+            with self._cond:
+                self._pending.difference_update(info.name for info in tensors)
+                self._cond.notify_all()
+
+    def answer(self, name: str) -> bool | None:
+        """The tensor's answer, waited for; None if this check does not have one (the caller checks itself)."""
+        with self._cond:
+            while name in self._pending and not self._stopped:
+                self._cond.wait()
+            return self._answers.get(name)
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+        for thread in self._threads:
+            thread.join()
+
+
 def read_header(path: Path) -> dict[str, tuple[tuple[int, ...], str, int]]:
     """Name -> (shape, dtype, byte offset in the file), the header validated by the safetensors library."""
     try:
@@ -251,57 +302,6 @@ def _diagnose(path: Path, error: Exception) -> str:
 
 
 # ----------------------------------------------------------------------------- writing
-
-
-class FiniteCheck:
-    """Whether tensors hold NaN or infinity, answered by background threads reading them in file order, so
-    that the check overlaps building the model. `view(info)` gives a tensor's array: the views of the file's
-    mapping that the load adopts as weights, so the pages read here are the ones the model maps anyway.
-    (NumPy releases the GIL while it reads.)"""
-
-    def __init__(self, tensors: list[TensorInfo], view, threads: int = 2):
-        self._cond = threading.Condition()
-        self._answers: dict[str, bool] = {}
-        self._pending = {info.name for info in tensors}
-        self._stopped = False
-        ordered = sorted(tensors, key=lambda t: (str(t.file), t.offset))
-        self._threads = [threading.Thread(target=self._run, args=(ordered[i::threads], view),
-                                          name="zoo-checkpoint-finite", daemon=True) for i in range(threads)]
-        for thread in self._threads:
-            thread.start()
-
-    def _run(self, tensors: list[TensorInfo], view) -> None:
-        try:
-            for info in tensors:
-                if self._stopped:
-                    break
-                try:
-                    answer = all_finite(view(info))
-                except CorruptCheckpointError:
-                    answer = None  # the file does not hold it whole: the caller's read reports it
-                with self._cond:
-                    self._pending.discard(info.name)
-                    if answer is not None:
-                        self._answers[info.name] = answer
-                    self._cond.notify_all()
-        finally:
-            with self._cond:
-                self._pending.difference_update(info.name for info in tensors)
-                self._cond.notify_all()
-
-    def answer(self, name: str) -> bool | None:
-        """The tensor's answer, waited for; None if this check does not have one (the caller checks itself)."""
-        with self._cond:
-            while name in self._pending and not self._stopped:
-                self._cond.wait()
-            return self._answers.get(name)
-
-    def stop(self) -> None:
-        with self._cond:
-            self._stopped = True
-            self._cond.notify_all()
-        for thread in self._threads:
-            thread.join()
 
 
 def write_safetensors(path: Path, arrays: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:

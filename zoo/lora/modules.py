@@ -92,24 +92,27 @@ def _layer_at(model, path: str):
 
 
 def examples(found: list[Module]) -> str:
+    """How the model names its linear modules, for an error message."""
     short = sorted({m.name.rsplit(".", 1)[-1] for m in found})
     return f"its linear modules are named {short} (e.g. {found[0].name!r})" if found else "it has no linear modules"
 
 
 def targeted(settings: Settings, found: list[Module], where: str) -> list[Module]:
-    targeted = [m for m in found if settings.targets(m.names, m.index)]
-    if not targeted:
+    """The modules `settings` adapts (its target_modules and layers), at least one."""
+    chosen = [m for m in found if settings.targets(m.names, m.index)]
+    if not chosen:
         raise AdapterError(f"{where}: target_modules {settings.target_modules!r} select no module of this model; "
                            f"{examples(found)}")
-    return targeted
+    return chosen
 
 
 def heads(names: tuple[str, ...], found: list[Module], where: str) -> list[Module]:
-    heads = []
+    """The modules `modules_to_save` names, each name matching at least one."""
+    chosen = []
     for wanted in names:
         matches = [m for m in found if any(n == wanted or n.endswith("." + wanted) for n in m.names)]
         if not matches:
             raise AdapterError(f"{where}: modules_to_save names {wanted!r}, which this model does not have; "
                                f"{examples(found)}")
-        heads += matches
-    return heads
+        chosen += matches
+    return chosen
